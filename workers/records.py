@@ -1,0 +1,27 @@
+"""Typed records the method works on. Raw activations are kept signed and unnormalized (SPEC §1)."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass
+class ActivationRecord:
+    """One corpus window and one neuron's raw activation on each of its tokens."""
+    seq_id: int
+    tokens: list[str]
+    activations: list[float]
+    kind: str = "top"  # top | random | quantile
+    rank: int = 0
+
+    @property
+    def max_activation(self) -> float:
+        return max(self.activations) if self.activations else float("-inf")
+
+
+@dataclass
+class NeuronRecords:
+    layer: int
+    neuron: int
+    top: list[ActivationRecord] = field(default_factory=list)  # sorted by max activation, descending
+    random: list[ActivationRecord] = field(default_factory=list)
+    quantile: list[ActivationRecord] = field(default_factory=list)
