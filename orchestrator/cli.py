@@ -112,7 +112,7 @@ def _register_commands() -> None:
     """Each capability keeps its commands in its own module; importing it adds them to `app`."""
     import importlib
 
-    for name in ("orchestrator.cli_extract", "orchestrator.cli_sweep", "orchestrator.cli_results"):
+    for name in ("orchestrator.cli_extract", "orchestrator.cli_sweep", "orchestrator.cli_view"):
         try:
             importlib.import_module(name)
         except ModuleNotFoundError as e:

@@ -131,6 +131,13 @@ class RunStore:
         t = d.to_table(columns=columns, filter=filter)
         return t
 
+    def read_table_file(self, rel: str, table: str) -> pa.Table:
+        """One published file of `table` (without its partition column)."""
+        with self.fs.open_input_file(self.path(rel)) as f:
+            t = pq.read_table(f)
+        check_version(t.schema, rel)
+        return t
+
     def list_files(self, prefix: str) -> list[str]:
         sel = pafs.FileSelector(self.path(prefix), recursive=True, allow_not_found=True)
         return [i.path for i in self.fs.get_file_info(sel) if i.type == pafs.FileType.File]

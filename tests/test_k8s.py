@@ -217,3 +217,14 @@ def test_dockerfile_pins_the_same_ray_as_the_manifests(rayjob):
     dockerfile = (K8S / "Dockerfile").read_text()
     (base,) = re.findall(r"^FROM (\S+)", dockerfile, flags=re.M)
     assert base == f"rayproject/ray:{ray_cluster_spec(rayjob)['rayVersion']}-py311-gpu"
+
+
+def test_readme_section_names_files_and_secrets_that_exist(rayjob):
+    doc = (REPO_ROOT / "docs" / "readme" / "cluster.md").read_text()
+    for path in set(re.findall(r"\b((?:k8s|cluster)/[\w./-]+\.(?:yaml|yml|json|py)|k8s/Dockerfile)\b", doc)):
+        assert (REPO_ROOT / path).exists(), path
+    refs = {(e["valueFrom"]["secretKeyRef"]["name"], e["valueFrom"]["secretKeyRef"]["key"])
+            for _, group in ray_groups(rayjob) for c in _containers(group) for e in c.get("env", [])
+            if "secretKeyRef" in e.get("valueFrom", {})}
+    for name, key in refs:
+        assert re.search(rf"kubectl create secret generic {name}\b[^`]*--from-literal={key}=", doc), (name, key)

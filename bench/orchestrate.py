@@ -1,0 +1,85 @@
+"""Orchestration throughput at GPT-2 XL scale: 48 x 6,400 = 307,200 neurons, synthetic records and an instant
+method, through the real pipeline (planner, Ray actors, ray.wait backpressure, Parquet commits, ledger,
+markers, metrics). Prints neurons/s, the driver's peak memory, and the projected wall time of a real
+GPT-2 XL sweep at a provider limit. Last line: orchestrate_neurons_per_s=<x>.
+
+    python bench/orchestrate.py [--layers 48] [--neurons 6400] [--shard-size 256] [--actors 2]
+"""
+from __future__ import annotations
+
+import argparse
+import resource
+import shutil
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+TOKENS_PER_NEURON = 15_000  # DESIGN.md "Scale on paper": one explanation + ten simulations, reference method
+
+
+def rss_mb() -> float:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    return 0.0
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--layers", type=int, default=48)
+    ap.add_argument("--neurons", type=int, default=6400)
+    ap.add_argument("--shard-size", type=int, default=256)
+    ap.add_argument("--actors", type=int, default=2)
+    ap.add_argument("--tpm", type=float, default=10_000_000, help="provider tokens/min for the projection")
+    args = ap.parse_args()
+
+    import ray
+
+    from orchestrator.pipeline import run_sweep
+    from schemas.config import SweepConfig
+
+    out = Path(tempfile.mkdtemp(prefix="ns-orchestrate-"))
+    cfg = SweepConfig.from_dict({"model": {"name": f"synthetic:{args.layers}x{args.neurons}"}, "output": str(out),
+                                 "shard_size": args.shard_size, "metrics_port": 0, "max_inflight_shards": 4})
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    peak = {"rss": rss_mb(), "stop": False}
+    samples = []
+
+    def sample():
+        while not peak["stop"]:
+            r = rss_mb()
+            peak["rss"] = max(peak["rss"], r)
+            samples.append(r)
+            time.sleep(0.25)
+
+    threading.Thread(target=sample, daemon=True).start()
+    t0 = time.monotonic()
+    outcome = run_sweep(cfg, {}, mode="instant", n_actors=args.actors)
+    wall = time.monotonic() - t0
+    peak["stop"] = True
+    ray.shutdown()
+    files = sum(1 for _ in out.rglob("*.parquet"))
+    shutil.rmtree(out, ignore_errors=True)
+
+    n = outcome.done + outcome.failed + outcome.skipped
+    rate = n / wall
+    quarter = len(samples) // 4 or 1
+    early, late = max(samples[:quarter] or [0]), max(samples[-quarter:] or [0])
+    maxrss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    projected_h = args.layers * args.neurons * TOKENS_PER_NEURON / args.tpm / 60
+    print(f"neurons: {n:,} of {outcome.planned:,} ({outcome.shards_committed} shards, {files} Parquet files)")
+    print(f"wall: {wall:.1f}s including Ray actor start-up")
+    print(f"driver peak RSS: {max(peak['rss'], maxrss_mb):.0f} MB (first quarter max {early:.0f} MB, "
+          f"last quarter max {late:.0f} MB)")
+    print(f"projected real GPT-2 XL sweep at {args.tpm:,.0f} tokens/min and ~{TOKENS_PER_NEURON:,} tokens/neuron: "
+          f"{projected_h:.1f} h, rate-limit bound (orchestration alone: {args.layers * args.neurons / rate / 3600:.2f} h)")
+    print(f"orchestrate_neurons_per_s={rate:.0f}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,172 @@
+"""`neuronsweep sweep | resume | status | show`."""
+from __future__ import annotations
+
+import json
+from typing import Annotated, Optional
+
+import typer
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.table import Table
+
+from orchestrator.cli import (AddressOpt, CLIError, ConfigOpt, CorpusOpt, LayersOpt, ModelOpt, NeuronsOpt, OutOpt,
+                              SeqLenOpt, SetOpt, WindowsOpt, app, build_config, console, env, out)
+from orchestrator.plan import load_run_config
+from orchestrator.store import RunStore
+from schemas.config import SweepConfig
+
+RetryOpt = Annotated[bool, typer.Option("--retry-failed", help="also redo neurons that failed before")]
+
+
+def s3_options_from_env(e: dict) -> dict | None:
+    """S3 endpoint and keys for s3:// outputs, from the environment only (never stored in run.json)."""
+    endpoint = e.get("NEURONSWEEP_S3_ENDPOINT") or e.get("AWS_ENDPOINT_URL")
+    if not endpoint:
+        return None
+    scheme, _, host = endpoint.rpartition("://")
+    opts = {"endpoint_override": host or endpoint, "scheme": scheme or "https",
+            "region": e.get("AWS_REGION", "us-east-1"), "allow_bucket_creation": True}
+    if e.get("AWS_ACCESS_KEY_ID"):
+        opts.update(access_key=e["AWS_ACCESS_KEY_ID"], secret_key=e.get("AWS_SECRET_ACCESS_KEY", ""))
+    return opts
+
+
+def _run(cfg: SweepConfig, *, retry_failed: bool) -> None:
+    from orchestrator.metrics import SweepMetrics
+    from orchestrator.pipeline import run_sweep
+
+    e = env()
+    metrics = SweepMetrics()
+    server = None
+    if cfg.metrics_port:
+        try:
+            server, _ = metrics.serve(cfg.metrics_port)
+            console.print(f"metrics: http://127.0.0.1:{cfg.metrics_port}/metrics")
+        except OSError as err:
+            console.print(f"[yellow]metrics port {cfg.metrics_port} unavailable ({err.strerror}); "
+                          f"set metrics_port to another port or 0[/]")
+    metrics.build_info.labels(_version(), cfg.output).set(1)
+    columns = [TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+               TextColumn("{task.fields[rate]}"), TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn()]
+    with Progress(*columns, console=console, transient=False) as progress:
+        task = progress.add_task("neurons", total=None, rate="")
+
+        def on_progress(o):
+            finished = o.done + o.failed + o.skipped
+            speed = progress.tasks[task].speed
+            progress.update(task, total=o.planned, completed=finished,
+                            rate=f"{speed:.1f} neurons/s" if speed else "")
+
+        outcome = run_sweep(cfg, e, retry_failed=retry_failed, s3_options=s3_options_from_env(e), metrics=metrics,
+                            on_progress=on_progress, extract_progress=progress)
+        on_progress(outcome)
+    if server is not None:
+        server.shutdown()
+    out.print(f"neurons: {outcome.done:,} done, {outcome.failed:,} failed, {outcome.skipped:,} skipped "
+              f"of {outcome.planned:,}; {outcome.shards_committed}/{outcome.shards_total} shards committed")
+    out.print(f"tokens: {outcome.prompt_tokens:,} prompt + {outcome.completion_tokens:,} completion; "
+              f"estimated cost ${outcome.cost_usd:.4f}")
+    if outcome.failures:
+        out.print("failures by reason: " + ", ".join(f"{k} {v}" for k, v in sorted(outcome.failures.items())))
+    for shard_id, err in outcome.shard_errors[:5]:
+        out.print(f"[red]shard {shard_id} did not commit:[/] {err}")
+    if outcome.stopped_by_budget:
+        out.print(f"[yellow]stopped: {outcome.stopped_by_budget}.[/] Raise the budget and continue with "
+                  f"`neuronsweep resume {cfg.output} --set budget.max_tokens=...`")
+    elif not outcome.complete:
+        out.print(f"[yellow]incomplete[/]: continue with `neuronsweep resume {cfg.output}`")
+    else:
+        out.print(f"results in {cfg.output}: `neuronsweep status {cfg.output}`, "
+                  f"`neuronsweep show {cfg.output} LAYER NEURON`, `neuronsweep view {cfg.output}`")
+    if outcome.shard_errors:
+        raise typer.Exit(1)
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+    try:
+        return version("neuronsweep")
+    except PackageNotFoundError:
+        return "dev"
+
+
+@app.command()
+def sweep(config: ConfigOpt = None, sets: SetOpt = None, model: ModelOpt = None, corpus: CorpusOpt = None,
+          layers: LayersOpt = None, neurons: NeuronsOpt = None, out_dir: OutOpt = None, seq_len: SeqLenOpt = None,
+          max_windows: WindowsOpt = None, address: AddressOpt = None, retry_failed: RetryOpt = False) -> None:
+    """Extract, explain, simulate and score every requested neuron (resumes an existing run directory)."""
+    cfg = build_config(config, sets, model=model, corpus=corpus, layers=layers, neurons=neurons, out=out_dir,
+                       seq_len=seq_len, max_windows=max_windows, address=address)
+    _run(cfg, retry_failed=retry_failed)
+
+
+@app.command()
+def resume(run: Annotated[str, typer.Argument(help="run directory or URI")], sets: SetOpt = None,
+           address: AddressOpt = None, retry_failed: RetryOpt = False) -> None:
+    """Continue a run from its run directory: nothing committed is redone, no journaled call is repaid."""
+    store = _open(run)
+    cfg = load_run_config(store)
+    data = cfg.model_dump(mode="json")
+    from orchestrator.cli import parse_set
+    from schemas.config import set_dotted
+    for k, v in parse_set(sets).items():
+        set_dotted(data, k, v)
+    data["output"] = run
+    if address:
+        data["ray_address"] = address
+    _run(SweepConfig.from_dict(data), retry_failed=retry_failed)
+
+
+def _open(run: str) -> RunStore:
+    store = RunStore.open(run, s3_options=s3_options_from_env(env()))
+    if not store.exists("run.json"):
+        raise CLIError(f"{run} is not a neuronsweep run directory (no run.json)")
+    return store
+
+
+@app.command()
+def status(run: Annotated[str, typer.Argument(help="run directory or URI")],
+           as_json: Annotated[bool, typer.Option("--json", help="machine-readable output")] = False) -> None:
+    """Counts, throughput, cost so far and failures by reason, from the run directory alone."""
+    from orchestrator.runstatus import run_status
+
+    st = run_status(_open(run))
+    if as_json:
+        out.print_json(json.dumps(st, default=str))
+        return
+    t = Table(show_header=False, box=None)
+    for k in ("planned", "done", "failed", "skipped", "remaining", "shards", "extraction"):
+        t.add_row(k, str(st[k]))
+    t.add_row("throughput", f"{st['neurons_per_s']:.2f} neurons/s over {st['active_s']:.0f}s of shard time")
+    t.add_row("tokens", f"{st['prompt_tokens']:,} prompt + {st['completion_tokens']:,} completion")
+    t.add_row("cost so far", f"${st['cost_usd']:.4f}")
+    if st["mean_score"] is not None:
+        t.add_row("mean score", f"{st['mean_score']:.3f} over {st['scored']:,} scored neurons")
+    out.print(t)
+    if st["failures"]:
+        out.print("failures by reason:")
+        for reason, n in sorted(st["failures"].items(), key=lambda kv: -kv[1]):
+            out.print(f"  {reason:<14} {n}")
+
+
+@app.command()
+def show(run: Annotated[str, typer.Argument(help="run directory or URI")], layer: int, neuron: int,
+         n_records: Annotated[int, typer.Option("--records", help="top records to print")] = 3) -> None:
+    """A neuron's explanation, scores and top records with their activations."""
+    from orchestrator.runstatus import neuron_detail
+
+    d = neuron_detail(_open(run), layer, neuron)
+    led = d["ledger"]
+    out.print(f"[bold]layer {layer} neuron {neuron}[/]: {led['status'] if led else 'not processed yet'}"
+              + (f" ({led['error']})" if led and led.get("error") else ""))
+    for e in d["explanations"]:
+        mark = "*" if e.get("selected") else " "
+        out.print(f" {mark} explanation [{e['candidate']}]: {e['explanation']}")
+    for s in d["scores"]:
+        val = "null" if s["score"] is None else f"{s['score']:.3f}"
+        extra = "".join(f" {k}={s[k]:.3f}" for k in ("score_top", "score_random", "r2", "absdev")
+                        if s.get(k) is not None)
+        out.print(f"   {s['scorer']:<12} {val}{extra}" + (f"  ({s['null_reason']})" if s.get("null_reason") else "")
+                  + f"  [{s.get('simulator_mode') or ''}]")
+    for r in d["records"][:n_records]:
+        text = "".join(f"{tok}[{act:.2f}]" if act > 0 else tok for tok, act in zip(r["tokens"], r["activations"]))
+        out.print(f"   top #{r['rank']} (max {r['max_activation']:.3f}): {text!r}", markup=False, highlight=False)

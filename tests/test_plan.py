@@ -1,0 +1,43 @@
+import pytest
+
+from orchestrator.plan import Shard, build_plan, config_diff, make_shards, prepare_run
+from orchestrator.store import RunStore
+from schemas.config import ConfigError, SweepConfig
+
+SHAPE = {"name": "tiny-gpt2", "architecture": "gpt2", "n_layers": 2, "n_neurons": 64, "max_positions": 256}
+
+
+def test_shards_cover_every_neuron_once_with_stable_ids():
+    shards = make_shards([0, 3], list(range(10)), 4)
+    assert [s.shard_id for s in shards] == ["L000-000000-000003", "L000-000004-000007", "L000-000008-000009",
+                                            "L003-000000-000003", "L003-000004-000007", "L003-000008-000009"]
+    assert sorted((s.layer, n) for s in shards for n in s.neurons) == [(l, n) for l in (0, 3) for n in range(10)]
+    assert make_shards([0, 3], list(range(10)), 4) == shards
+
+
+def test_plan_checks_the_config_against_the_model():
+    plan = build_plan(SweepConfig(layers="1", neurons="0-9", shard_size=4), SHAPE)
+    assert plan.n_neurons == 10 and len(plan.shards) == 3
+    with pytest.raises(ConfigError, match="layer 2 is out of range"):
+        build_plan(SweepConfig(layers="2"), SHAPE)
+
+
+def test_config_diff_ignores_runtime_knobs():
+    a = SweepConfig().model_dump(mode="json")
+    b = SweepConfig.from_dict({"metrics_port": 1, "explainer": {"concurrency": 99, "tokens_per_minute": 5},
+                               "budget": {"max_tokens": 10}}).model_dump(mode="json")
+    assert config_diff(a, b) == []
+    c = SweepConfig.from_dict({"seed": 1, "corpus": {"seq_len": 32}}).model_dump(mode="json")
+    assert config_diff(a, c) == ["corpus.seq_len", "seed"]
+
+
+def test_a_run_directory_refuses_a_changed_config(tmp_path):
+    store = RunStore.open(str(tmp_path / "run"), create=True)
+    cfg = SweepConfig(model={"name": "tiny-gpt2"}, layers="0", output=str(tmp_path / "run"))
+    prepare_run(cfg, store)
+    assert store.read_json("run.json")["plan"]["n_neurons"] == 64
+    prepare_run(cfg.model_copy(update={"metrics_port": 0}), store)  # runtime knob: fine
+    changed = SweepConfig(model={"name": "tiny-gpt2"}, layers="0", output=str(tmp_path / "run"), seed=5,
+                          shard_size=7)
+    with pytest.raises(ConfigError, match=r"changed: seed \(0 -> 5\), shard_size \(64 -> 7\)"):
+        prepare_run(changed, store)

@@ -1,0 +1,170 @@
+"""A real Prometheus server (Debian's `prometheus` package) scrapes the project's metrics with the shipped
+cluster/prometheus.yml, and its HTTP API returns the progress series and evaluates every dashboard query.
+
+CI installs the server (`scripts/system-deps.sh`); outside CI the test is skipped when the binary is absent.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import pytest
+import yaml
+from prometheus_client.parser import text_string_to_metric_families
+
+from k8s_validate import REPO_ROOT
+from metrics_target import metrics_target_url  # noqa: F401  (fixture)
+from promql_check import dashboard_exprs
+
+SHIPPED_CONFIG = REPO_ROOT / "cluster" / "prometheus.yml"
+DASHBOARD = REPO_ROOT / "cluster" / "grafana" / "neuronsweep-dashboard.json"
+INSTALL = "apt-get update && apt-get install -y --no-install-recommends prometheus"
+
+
+@pytest.fixture(scope="module")
+def prometheus_binary() -> str:
+    path = os.environ.get("PROMETHEUS_BIN") or shutil.which("prometheus")
+    if path is None:
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"the prometheus binary is missing in CI; install it with: {INSTALL}")
+        pytest.skip(f"prometheus is not installed ({INSTALL})")
+    return path
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def scrape_config_for(target_url: str, workdir: Path) -> dict[str, Any]:
+    """cluster/prometheus.yml pointed at one target: the driver job's static target, and Ray's file_sd file
+    (written here in Ray's own format) listing it too; scraped every second so the test is quick."""
+    config = yaml.safe_load(SHIPPED_CONFIG.read_text())
+    url = urllib.parse.urlsplit(target_url)
+    config["global"]["scrape_interval"] = config["global"]["evaluation_interval"] = "1s"
+    jobs = {job["job_name"]: job for job in config["scrape_configs"]}
+    assert set(jobs) == {"neuronsweep-driver", "ray"}
+    jobs["neuronsweep-driver"]["static_configs"] = [{"targets": [url.netloc]}]
+    sd_file = workdir / "prom_metrics_service_discovery.json"
+    sd_file.write_text(json.dumps([{"labels": {"job": "ray"}, "targets": [url.netloc]}]))
+    jobs["ray"]["file_sd_configs"] = [{"files": [str(sd_file)]}]
+    for job in jobs.values():
+        job["metrics_path"] = url.path
+    return config
+
+
+@pytest.fixture(scope="module")
+def prometheus_url(prometheus_binary, metrics_target_url, tmp_path_factory) -> Iterator[str]:  # noqa: F811
+    workdir = tmp_path_factory.mktemp("prometheus")
+    config_file = workdir / "prometheus.yml"
+    config_file.write_text(yaml.safe_dump(scrape_config_for(metrics_target_url, workdir)))
+    port = _free_port()
+    log = open(workdir / "prometheus.log", "w")
+    proc = subprocess.Popen(
+        [prometheus_binary, f"--config.file={config_file}", f"--storage.tsdb.path={workdir / 'data'}",
+         f"--web.listen-address=127.0.0.1:{port}", "--log.level=warn"],
+        stdout=log, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_for(lambda: _ready(url, proc), timeout=30,
+                 what=lambda: f"Prometheus ready; log:\n{(workdir / 'prometheus.log').read_text()[-2000:]}")
+        yield url
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        log.close()
+
+
+def _ready(url: str, proc: subprocess.Popen) -> bool:
+    if proc.poll() is not None:
+        raise RuntimeError(f"prometheus exited with code {proc.returncode}")
+    try:
+        with urllib.request.urlopen(f"{url}/-/ready", timeout=2) as response:
+            return response.status == 200
+    except (urllib.error.URLError, ConnectionError):
+        return False
+
+
+def wait_for(check: Callable[[], Any], timeout: float, what: Callable[[], str] | str) -> Any:
+    deadline = time.monotonic() + timeout
+    while True:
+        result = check()
+        if result:
+            return result
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out after {timeout}s waiting for {what() if callable(what) else what}")
+        time.sleep(0.25)
+
+
+def query(prometheus_url: str, promql: str) -> dict[str, Any]:
+    """The `data` of an instant query; raises AssertionError with Prometheus's error for a bad query."""
+    q = urllib.parse.urlencode({"query": promql})
+    try:
+        with urllib.request.urlopen(f"{prometheus_url}/api/v1/query?{q}", timeout=10) as response:
+            body = json.load(response)
+    except urllib.error.HTTPError as e:
+        body = json.load(e)
+    assert body["status"] == "success", f"{promql}: {body.get('errorType')}: {body.get('error')}"
+    return body["data"]
+
+
+def target_samples(metrics_target_url: str) -> dict[tuple[str, frozenset], float]:  # noqa: F811
+    with urllib.request.urlopen(metrics_target_url, timeout=10) as response:
+        text = response.read().decode()
+    return {(s.name, frozenset(s.labels.items())): s.value
+            for family in text_string_to_metric_families(text) for s in family.samples}
+
+
+# --- tests -----------------------------------------------------------------------------------------------------
+def test_prometheus_returns_the_progress_series(prometheus_url, metrics_target_url):  # noqa: F811
+    expected = target_samples(metrics_target_url)[("neuronsweep_neurons_total", frozenset({("status", "done")}))]
+    assert expected > 0
+    promql = 'neuronsweep_neurons_total{job="neuronsweep-driver", status="done"}'
+    data = wait_for(lambda: query(prometheus_url, promql)["result"], timeout=30, what=promql)
+    (series,) = data
+    assert series["metric"]["__name__"] == "neuronsweep_neurons_total"
+    assert float(series["value"][1]) == expected
+
+
+def test_both_shipped_scrape_jobs_are_up(prometheus_url):
+    def up_jobs() -> set[str]:
+        return {s["metric"]["job"] for s in query(prometheus_url, "up == 1")["result"]}
+    assert wait_for(lambda: up_jobs() >= {"neuronsweep-driver", "ray"} and up_jobs(), timeout=30,
+                    what="both scrape jobs up") == {"neuronsweep-driver", "ray"}
+
+
+def test_every_dashboard_query_is_valid_promql_and_progress_evaluates(prometheus_url, metrics_target_url):  # noqa: F811
+    dashboard = json.loads(DASHBOARD.read_text())
+    exprs = [(title, expr.replace("$__rate_interval", "1m")) for title, expr in dashboard_exprs(dashboard)]
+    assert len(exprs) >= 9
+    for title, expr in exprs:
+        query(prometheus_url, expr)                      # raises with Prometheus's parse error
+    samples = target_samples(metrics_target_url)
+    finished = sum(v for (name, _), v in samples.items() if name == "neuronsweep_neurons_total")
+    planned = samples[("neuronsweep_neurons_planned", frozenset())]
+    (progress,) = [e for t, e in exprs if t == "Progress"]
+    wait_for(lambda: query(prometheus_url, 'up{job="ray"} == 1')["result"], timeout=30, what="ray job up")
+    result = wait_for(lambda: query(prometheus_url, progress)["result"], timeout=30, what=progress)
+    assert float(result[0]["value"][1]) == pytest.approx(finished / planned)
+
+
+def test_promtool_accepts_the_shipped_config(prometheus_binary):
+    promtool = Path(prometheus_binary).with_name("promtool")
+    if not promtool.exists():
+        pytest.skip("promtool is not beside the prometheus binary")
+    result = subprocess.run([str(promtool), "check", "config", str(SHIPPED_CONFIG)], capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout + result.stderr
