@@ -19,7 +19,7 @@ from schemas.config import ConfigError, SweepConfig
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Explain and score every MLP neuron of a language model, at cluster scale.")
 console = Console(stderr=True)
-out = Console()
+out = Console(soft_wrap=True)
 
 ConfigOpt = Annotated[Optional[Path], typer.Option("--config", "-c", help="sweep config YAML file")]
 SetOpt = Annotated[Optional[list[str]], typer.Option("--set", "-s", help="override any field: a.b=value")]
@@ -123,12 +123,13 @@ def _register_commands() -> None:
 def main(argv: list[str] | None = None) -> int:
     from schemas.tables import SchemaVersionError
     from workers.corpus import CorpusError
+    from workers.extract import ExtractError
     from workers.models import ModelLoadError
 
     _register_commands()
     try:
         app(args=argv, standalone_mode=False)
-    except (ConfigError, CLIError, CorpusError, ModelLoadError, SchemaVersionError) as e:
+    except (ConfigError, CLIError, CorpusError, ExtractError, ModelLoadError, SchemaVersionError) as e:
         console.print(f"[bold red]error:[/] {e}", highlight=False, markup=True, soft_wrap=True)
         return 2
     except (typer.Abort, KeyboardInterrupt):
@@ -146,4 +147,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # run as `python -m orchestrator.cli`: go through the importable module, where the commands register
+    from orchestrator.cli import main as _main
+
+    sys.exit(_main())

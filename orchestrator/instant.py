@@ -1,10 +1,13 @@
 """An instant stand-in for the method and synthetic records, so the orchestration itself (planning,
 scheduling, commits, ledger, metrics) can be measured at GPT-2-XL scale on a laptop: `bench/orchestrate.py`.
 
-Select it with `model.name: synthetic:LAYERSxNEURONS` and `run_sweep(..., mode="instant")`.
+Select it with `model.name: synthetic:LAYERSxNEURONS` and `run_sweep(..., mode="instant")`; the mode
+`instant:SECONDS` makes each neuron take that long (for fault tests that need a sweep to be in flight).
+Each neuron reports a fixed, plausible token usage so that budgets and cost accounting can be exercised.
 """
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
 import re
 import zlib
@@ -39,14 +42,20 @@ class SyntheticRecordSource:
         return out
 
 
-class InstantProcessor:
-    """Answers at once with a fixed explanation and a score derived from the records."""
+USAGE = {"explainer": (2000, 30), "simulator": (12000, 100)}  # tokens per neuron, as in DESIGN.md
 
-    def __init__(self, cfg: SweepConfig):
+
+class InstantProcessor:
+    """Answers at once (or after `delay_s`) with a fixed explanation and a score derived from the records."""
+
+    def __init__(self, cfg: SweepConfig, delay_s: float = 0.0):
         self.cfg = cfg
+        self.delay_s = delay_s
         self.now = dt.datetime.now(dt.timezone.utc)
 
     async def __call__(self, records: NeuronRecords) -> NeuronResult:
+        if self.delay_s:
+            await asyncio.sleep(self.delay_s)
         top = records.top[0]
         peak = max(top.activations)
         result = NeuronResult(records.layer, records.neuron)
@@ -57,5 +66,5 @@ class InstantProcessor:
         result.score_rows = [{**base, "candidate": 0, "scorer": "correlation", "score": min(1.0, peak / 10),
                               "simulator_model": "instant", "simulator_mode": "instant", "seq_ids": [top.seq_id],
                               "per_sequence": [min(1.0, peak / 10)]}]
-        result.usage = {"explainer": Usage(0, 0), "simulator": Usage(0, 0)}
+        result.usage = {role: Usage(*tokens) for role, tokens in USAGE.items()}
         return result

@@ -6,11 +6,14 @@ covers the actors' processes). No label ever holds a neuron or shard id.
 """
 from __future__ import annotations
 
+import re
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
 LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 20, 30, 60, 120)
 WAIT_BUCKETS = (0.001, 0.01, 0.05, 0.1, 0.5, 1, 2, 5, 10, 30, 60)
-FAILURE_REASONS = ("rate_limited", "timeout", "malformed", "permanent", "deadline", "records", "error")
+FAILURE_REASONS = ("rate_limited", "timeout", "server_error", "connection", "malformed", "permanent", "deadline",
+                   "records", "error")
 
 
 class SweepMetrics:
@@ -71,6 +74,10 @@ def failure_reason(error: str | None) -> str:
         return "rate_limited"
     if "timeout" in e or "timed out" in e:
         return "timeout"
+    if re.search(r"http 5\d\d", e):
+        return "server_error"
+    if "connection" in e:
+        return "connection"
     if "malformed" in e or "misalign" in e or "unparseable" in e or "explanationfailed" in e:
         return "malformed"
     if "permanent" in e or "unsupported" in e:

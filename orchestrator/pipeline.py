@@ -9,6 +9,7 @@ what is missing.
 """
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import time
 from dataclasses import dataclass, field
@@ -53,8 +54,11 @@ def method_processor(cfg: SweepConfig, env: Mapping[str, str], journal):
     if "embedding" in cfg.scorers:
         from workers.embedding import MiniLMEmbedder
         embedder = MiniLMEmbedder()
+    probed: list = []
 
     async def process(records):
+        if not probed:  # what an unconfigured endpoint can do decides the simulator mode: ask once, first
+            probed.append(await asyncio.gather(explainer.probe_capabilities(), simulator.probe_capabilities()))
         return await explain_and_score(records, explainer, simulator, cfg, embedder=embedder)
 
     return process
@@ -63,9 +67,10 @@ def method_processor(cfg: SweepConfig, env: Mapping[str, str], journal):
 def build_runner(cfg: SweepConfig, env: Mapping[str, str], *, mode: str = "method",
                  s3_options: dict | None = None) -> ShardRunner:
     store = RunStore.open(cfg.output, s3_options=s3_options)
-    if mode == "instant":
+    if mode.startswith("instant"):
         from orchestrator.instant import InstantProcessor, SyntheticRecordSource
-        return ShardRunner(cfg, store, InstantProcessor(cfg), SyntheticRecordSource(cfg))
+        delay = float(mode.partition(":")[2] or 0)
+        return ShardRunner(cfg, store, InstantProcessor(cfg, delay), SyntheticRecordSource(cfg))
     from workers.journal import CallJournal
 
     journal = CallJournal(journal_path(cfg, store))
@@ -137,7 +142,7 @@ def default_actor_count(cfg: SweepConfig, mode: str) -> int:
     import ray
 
     cpus = int(ray.cluster_resources().get("CPU", 1))
-    if mode != "instant" and "local" in (cfg.explainer.kind, cfg.simulator.kind):
+    if not mode.startswith("instant") and "local" in (cfg.explainer.kind, cfg.simulator.kind):
         return 1  # a local LLM is CPU/GPU-bound; one copy per sweep on a laptop
     return max(1, min(cpus, 8))
 
@@ -160,9 +165,10 @@ def run_sweep(cfg: SweepConfig, env: Mapping[str, str], *, retry_failed: bool = 
               extract_progress=None) -> SweepOutcome:
     import ray
 
-    secrets = required_secrets(cfg, env) if mode == "method" else {}
+    instant = mode.startswith("instant")
+    secrets = {} if instant else required_secrets(cfg, env)
     store = RunStore.open(cfg.output, s3_options=s3_options, create=True)
-    if mode == "instant" and not store.exists(EXTRACT_MARKER):
+    if instant and not store.exists(EXTRACT_MARKER):
         store.write_json(EXTRACT_MARKER, {"model": {"name": "imported", "n_layers": _instant_shape(cfg)[0],
                                                     "n_neurons": _instant_shape(cfg)[1]}, "synthetic": True})
     plan = prepare_run(cfg, store)
@@ -213,7 +219,8 @@ def _explain_stage(cfg, store, plan: Plan, secrets, *, retry_failed, mode, s3_op
         return out
 
     n = n_actors or default_actor_count(cfg, mode)
-    local_llm = mode != "instant" and "local" in (cfg.explainer.kind, cfg.simulator.kind)
+    limiters = _shared_limiters(cfg) if not mode.startswith("instant") else []  # owned by the driver
+    local_llm = not mode.startswith("instant") and "local" in (cfg.explainer.kind, cfg.simulator.kind)
     actor_cls = ray.remote(ShardActor).options(
         num_cpus=1 if local_llm else 0.25, max_restarts=-1, max_task_retries=-1,
         max_concurrency=max(64, cfg.max_inflight_shards * 4))
@@ -260,7 +267,17 @@ def _explain_stage(cfg, store, plan: Plan, secrets, *, retry_failed, mode, s3_op
             ray.kill(a)
     out.elapsed_s = time.monotonic() - t0
     metrics.queue_depth.labels("explain").set(0)
+    del limiters
     return out
+
+
+def _shared_limiters(cfg: SweepConfig) -> list:
+    """Create the cluster-wide rate limiter actors here, so they live as long as the driver (an actor that
+    created one would take it down with it); the API actors find them by name."""
+    from workers.llm_client import shared_limiter_for
+
+    return [shared_limiter_for(getattr(cfg, role), use_ray=True) for role in ("explainer", "simulator")
+            if getattr(cfg, role).kind != "local"]
 
 
 def _count(out: SweepOutcome, s: dict, metrics: SweepMetrics, *, fresh: bool) -> None:

@@ -369,22 +369,33 @@ class RunReader:
 
     # --- one neuron --------------------------------------------------------------------------------------
     def neuron(self, layer: int, neuron: int) -> dict:
-        return neuron_detail(self.store, layer, neuron)
+        idx = self.index()
+        hit = idx.filter(pc.and_(pc.equal(idx["layer"], layer), pc.equal(idx["neuron"], neuron)))
+        shard = hit["shard_id"][0].as_py() if hit.num_rows else None
+        return neuron_detail(self.store, layer, neuron, shard)
 
 
-def _read_partition(store: RunStore, table: str, layer: int, neuron: int) -> pa.Table:
+def _read_partition(store: RunStore, table: str, layer: int, neuron: int, shard: str | None = None) -> pa.Table:
+    """One neuron's rows of a table's layer partition. With `shard`, only that shard's file (and an import's)
+    is read when it exists: a neuron page then opens a few files, not every shard of the layer."""
     base = store.path(f"{table}/layer={layer}")
-    files = [p for p in store.list_files(f"{table}/layer={layer}") if _visible(p, base)]
     cols = [f.name for f in TABLES[table] if f.name != "layer"]
-    parts = []
-    for path in sorted(files):
-        pf = pq.ParquetFile(path, filesystem=store.fs)
-        check_version(pf.schema_arrow, path)
-        t = ds.dataset(path, filesystem=store.fs, format="parquet").to_table(filter=ds.field("neuron") == neuron)
-        if t.num_rows:
-            t = t.add_column(0, "layer", pa.array([layer] * t.num_rows, pa.int16()))
-            parts.append(_conform(t.append_column("shard", pa.array([_file_shard(path)] * t.num_rows)), table, cols))
-    return pa.concat_tables(parts) if parts else _empty(table, cols)
+    files = []
+    if shard is not None:
+        files = [p for name in dict.fromkeys((shard, "imported"))
+                 if store.exists(rel := f"{table}/layer={layer}/shard-{name}.parquet") for p in [store.path(rel)]]
+    if not files:
+        files = sorted(p for p in store.list_files(f"{table}/layer={layer}") if _visible(p, base))
+    if not files:
+        return _empty(table, cols)
+    d = ds.dataset(files, filesystem=store.fs, format="parquet")
+    for frag in d.get_fragments():
+        check_version(frag.physical_schema, frag.path)
+    t = d.to_table(columns=[*d.schema.names, "__filename"], filter=ds.field("neuron") == neuron)
+    names = t["__filename"].to_pylist()
+    t = t.drop_columns(["__filename"]).add_column(0, "layer", pa.array([layer] * t.num_rows, pa.int16()))
+    t = t.append_column("shard", pa.array([_file_shard(p) for p in names], pa.string()))
+    return _conform(t, table, cols)
 
 
 def sequence_tokens(store: RunStore, seq_ids: list[int]) -> dict[int, list[str]]:
@@ -396,19 +407,20 @@ def sequence_tokens(store: RunStore, seq_ids: list[int]) -> dict[int, list[str]]
     return dict(zip(t["seq_id"].to_pylist(), t["tokens"].to_pylist()))
 
 
-def neuron_detail(store: RunStore, layer: int, neuron: int) -> dict:
+def neuron_detail(store: RunStore, layer: int, neuron: int, shard: str | None = None) -> dict:
     """Everything stored about one neuron, with each record's tokens joined from `sequences`:
     {layer, neuron, ledger (latest row or None), stats, explanations (selected first), scores,
      records: {top, random, quantile: [{rank, seq_id, tokens, activations, max_activation}]},
-     scored: {scorer: [{seq_id, kind, tokens, true, simulated, per_sequence}]}}."""
-    ledger = _read_partition(store, "ledger", layer, neuron)
+     scored: {scorer: [{seq_id, kind, tokens, true, simulated, per_sequence}]}}.
+    `shard` (the ledger's shard id, when the caller knows it) limits the reads to that shard's files."""
+    ledger = _read_partition(store, "ledger", layer, neuron, shard)
     led = _latest_ledger(ledger).to_pylist()[0] if ledger.num_rows else None
-    expl = _read_partition(store, "explanations", layer, neuron)
+    expl = _read_partition(store, "explanations", layer, neuron, shard)
     shard = led["shard_id"] if led else None
     expl_rows = sorted(expl.to_pylist(), key=lambda r: (r["shard"] != shard, not r["selected"], r["candidate"]))
     if shard is not None and any(r["shard"] == shard for r in expl_rows):
         expl_rows = [r for r in expl_rows if r["shard"] == shard]
-    scores = _read_partition(store, "scores", layer, neuron).to_pylist()
+    scores = _read_partition(store, "scores", layer, neuron, shard).to_pylist()
     if shard is not None and any(r["shard"] == shard for r in scores):
         scores = [r for r in scores if r["shard"] == shard]
     stats = _read_partition(store, "neuron_stats", layer, neuron).to_pylist()

@@ -50,8 +50,11 @@ class StoreRecordSource:
         return self._tokens
 
     def load(self, shard: Shard) -> dict[int, NeuronRecords]:
-        flt = (pc.field("layer") == shard.layer) & pc.field("neuron").isin(list(shard.neurons))
-        t = self.store.read_table("records", columns=["neuron", "kind", "rank", "seq_id", "activations"], filter=flt)
+        from orchestrator.extract_run import read_records
+
+        t = read_records(self.store, shard.layer, shard.neurons[0], shard.neurons[-1] + 1,
+                         columns=["neuron", "kind", "rank", "seq_id", "activations"])
+        t = t.filter(pc.field("neuron").isin(list(shard.neurons)))
         tokens = self.tokens()
         out = {n: NeuronRecords(shard.layer, n) for n in shard.neurons}
         for row in sorted(t.to_pylist(), key=lambda r: (r["neuron"], r["kind"], r["rank"])):

@@ -39,6 +39,10 @@ class NeuronResult:
         return next((r["explanation"] for r in self.explanation_rows if r["selected"]), None)
 
 
+class ExplanationFailed(LLMError):
+    """Every explanation candidate of a neuron failed (their reasons are in the message)."""
+
+
 def neuron_seed(cfg: SweepConfig, layer: int, neuron: int) -> int:
     """A stable per-neuron seed (shuffles of detection/fuzzing windows) from the sweep seed."""
     return zlib.crc32(f"{cfg.seed}:{layer}:{neuron}".encode())
@@ -49,22 +53,23 @@ async def explain_and_score(records: NeuronRecords, explainer: LLMBackend, simul
     """Explain one neuron from its train split and score the explanation on its valid split with every
     scorer in `cfg.scorers` (the embedding scorer needs `embedder`)."""
     result = NeuronResult(records.layer, records.neuron)
-    explain, simulate, judged = NeuronExplainer(explainer, cfg.explainer), None, []
+    where = f"layer {records.layer} neuron {records.neuron}"
     try:
         splits = split_records(records.top, records.random, cfg.records.n_per_split)
+    except ValueError as e:
+        result.error = f"{where}: {e}"
+        return result
+    explain, simulate, judge_spent = NeuronExplainer(explainer, cfg.explainer), None, []
+    try:
         simulate = NeuronSimulator(simulator, cfg.simulator)
-        await _run(records, splits, explain, simulate, cfg, embedder, result, judged)
-    except (LLMError, ValueError) as e:
-        result.error = f"layer {records.layer} neuron {records.neuron}: {type(e).__name__}: {e}"
+        await _run(records, splits, explain, simulate, cfg, embedder, result, judge_spent)
+    except LLMError as e:
+        result.error = f"{where}: {type(e).__name__}: {e}"
         result.explanation_rows, result.score_rows = [], []
     finally:
         result.usage["explainer"] = explain.usage
-        result.usage["simulator"] = sum(judged, simulate.usage if simulate else Usage())
+        result.usage["simulator"] = sum(judge_spent, simulate.usage if simulate else Usage())
     return result
-
-
-class ExplanationFailed(LLMError):
-    pass
 
 
 async def _run(records: NeuronRecords, splits: dict, explain: NeuronExplainer, simulate: NeuronSimulator,

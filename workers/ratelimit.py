@@ -86,10 +86,9 @@ class RateLimiter:
         f = self.factor(now)
         # refill up to the pause's end at the old rate, and nothing during it
         for bucket in (self.requests, self.tokens):
-            if now < self.stats.paused_until:
-                bucket.updated = now
-            else:
-                bucket.refill(now, max(f, 1e-9))
+            # nothing refills during a pause
+            bucket.updated = max(bucket.updated, min(now, self.stats.paused_until))
+            bucket.refill(now, f)
         self.stats.factor = f
         return f
 
@@ -228,16 +227,24 @@ class _RayHandleLimiter:
         return await self.handle.stats.remote()
 
 
+_RAY_HANDLES: dict[str, _RayHandleLimiter] = {}
+
+
 def ray_limiter(provider: str, model: str, requests_per_minute: float, tokens_per_minute: float,
                 **kwargs) -> _RayHandleLimiter:
-    """Get or create the cluster-wide named limiter actor for provider+model (Ray must be initialised)."""
+    """Get or create the cluster-wide named limiter actor for provider+model (Ray must be initialised).
+
+    The process that creates it owns it (not detached: it ends with the job), so the driver should call this
+    once before starting the API actors; they then find it by name. Handles are kept for the process's life."""
     import ray
 
-    actor_cls = ray.remote(RateLimiterActor)
-    handle = actor_cls.options(name=limiter_name(provider, model), get_if_exists=True, num_cpus=0,
-                               max_restarts=-1, max_concurrency=1000, lifetime=None).remote(
-        requests_per_minute, tokens_per_minute, kwargs)
-    return _RayHandleLimiter(handle)
+    name = limiter_name(provider, model)
+    if name not in _RAY_HANDLES:
+        actor_cls = ray.remote(RateLimiterActor)
+        handle = actor_cls.options(name=name, get_if_exists=True, num_cpus=0, max_restarts=-1,
+                                   max_concurrency=1000).remote(requests_per_minute, tokens_per_minute, kwargs)
+        _RAY_HANDLES[name] = _RayHandleLimiter(handle)
+    return _RAY_HANDLES[name]
 
 
 # --- the caller's side: leases ----------------------------------------------------------------------------------
@@ -276,8 +283,9 @@ class LimiterClient:
         async with self._lock():
             while self.requests < 1 or self.tokens < tokens:
                 want_requests = self.lease_requests if self.requests < 1 else 0
-                # a lease carries tokens for the requests it grants at this request's size, plus any shortfall
-                want_tokens = max(0.0, tokens - self.tokens) + max(0, want_requests - 1) * tokens
+                # enough tokens for the requests held after this lease at this request's size, less what the
+                # pool already holds (settled refunds): never hoard beyond one lease's worth
+                want_tokens = max(0.0, (self.requests + want_requests) * tokens - self.tokens)
                 await self.shared.lease(want_requests, want_tokens)
                 self.requests += want_requests
                 self.tokens += want_tokens

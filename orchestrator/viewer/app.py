@@ -98,10 +98,13 @@ def create_app(run: str, *, refresh_s: float = 2.0, s3_options: dict | None = No
         layers = sorted(set(idx["layer"].to_pylist())) if idx.num_rows else []
         args = {"layer": params["layer"], "status": status, "min_score": params["min_score"],
                 "max_score": params["max_score"], "q": q, "sort": sort, "order": order}
+        args = {k: v for k, v in args.items() if v not in (None, "")}
+        pages = max(1, math.ceil(total / PAGE_SIZE))
+        link = lambda p: str(request.url_for("index").include_query_params(**args, page=p))  # noqa: E731
         return templates.TemplateResponse(request, "index.html", {
-            "rows": rows.to_pylist(), "total": total, "page": page, "pages": max(1, math.ceil(total / PAGE_SIZE)),
-            "layers": layers, "args": {k: v for k, v in args.items() if v not in (None, "")},
-            "sortable": SORTABLE, "n_indexed": idx.num_rows})
+            "rows": rows.to_pylist(), "total": total, "page": page, "pages": pages, "layers": layers,
+            "args": args, "sortable": SORTABLE, "n_indexed": idx.num_rows,
+            "prev_url": link(page - 1) if page > 1 else None, "next_url": link(page + 1) if page < pages else None})
 
     @app.get("/api/neurons")
     def api_neurons(layer: str | None = None, status: str | None = None, min_score: str | None = None,

@@ -19,7 +19,8 @@ from typing import Mapping
 import openai
 
 from schemas.config import Backend, ConfigError
-from workers.backends.base import (Capabilities, ChatResponse, LLMError, PermanentLLMError, PromptLogprobsResponse,
+from workers.backends.base import (Capabilities, ChatResponse, LLMBackend, LLMError, PermanentLLMError,
+                                   PromptLogprobsResponse,
                                    RateLimitedError, TokenAlternatives, TransientLLMError, UnsupportedError, Usage)
 
 CONFIGURED = {
@@ -103,22 +104,24 @@ class OpenAICompatBackend:
         return self._client
 
     # --- capabilities ---------------------------------------------------------------------------------------
-    async def probe_capabilities(self) -> Capabilities:
-        """Configured, or found once per process with two tiny calls (chat with top_logprobs; echo)."""
+    async def probe_capabilities(self, via: LLMBackend | None = None) -> Capabilities:
+        """Configured, or found once per process with two tiny calls (chat with top_logprobs; echo).
+        `via` sends the probe through a wrapper (the LLMClient), so it is journaled and rate limited too:
+        a resumed sweep then answers the probe from the journal instead of paying for it again."""
         if self._configured:
             return self.capabilities
         key = (str(self.base_url), self.model)
         if key not in _PROBED:
             chat_lp = prompt_lp = False
             try:
-                r = await self.chat([{"role": "user", "content": "Say hi."}], max_tokens=1, top_logprobs=2)
+                r = await (via or self).chat([{"role": "user", "content": "Say hi."}], max_tokens=1, top_logprobs=2)
                 chat_lp = bool(r.logprobs)
             except PermanentLLMError:
                 pass
             except TransientLLMError:
                 chat_lp = False
             try:
-                r2 = await self.prompt_logprobs("Hello world, hello", [5], top_k=2)
+                r2 = await (via or self).prompt_logprobs("Hello world, hello", [5], top_k=2)
                 prompt_lp = bool(r2.positions and r2.positions[0])
             except LLMError:
                 pass
@@ -235,10 +238,10 @@ def _malformed(e: Exception) -> TransientLLMError:
 
 
 def _error_message(e: openai.APIStatusError) -> str:
-    body = e.body
+    body = e.body  # the client hands over the `error` object, or the whole body when there is none
     if isinstance(body, dict):
-        msg = body.get("message") or (body.get("error") or {}).get("message") if isinstance(
-            body.get("error", {}), dict) else body.get("message")
+        inner = body.get("error")
+        msg = inner.get("message") if isinstance(inner, dict) else body.get("message")
         if msg:
             return str(msg)[:300]
     return str(e.message)[:300]

@@ -1,0 +1,110 @@
+"""Extraction overhead: plain forward vs forward + capture + per-neuron summaries of ALL layers.
+
+Both run in this process on the same windows, interleaved (plain, extract, plain, extract, ...) so that load
+from other processes hits both alike; the ratio uses the medians. The plain forward is the same trunk call the
+extractor makes (no LM head: extraction never needs logits); the full-LM forward is printed for reference.
+
+    .venv/bin/python bench/extract.py [--windows 256] [--batch 32] [--repeats 3] [--compile]
+Last line: extract_overhead_ratio=<extract tokens/s / plain tokens/s>.
+"""
+from __future__ import annotations
+
+import argparse
+import resource
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from schemas.config import Corpus  # noqa: E402
+from workers.corpus import iter_windows  # noqa: E402
+from workers.extract import (ActivationCollector, ActivationExtractor, CollectorSpec,  # noqa: E402
+                             compiled_reductions, window_reductions)
+from workers.models import load_subject  # noqa: E402
+
+
+def timed(fn) -> float:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    fn()
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    return time.perf_counter() - t0
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--model", default="smollm2-135m")
+    ap.add_argument("--windows", type=int, default=256)
+    ap.add_argument("--seq-len", type=int, default=64)
+    ap.add_argument("--batch", type=int, default=32)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--compile", action="store_true", help="fuse the per-window reductions with torch.compile")
+    ap.add_argument("--dtype", default="auto")
+    args = ap.parse_args()
+
+    m = load_subject(args.model, dtype=args.dtype)
+    device = next(m.model.parameters()).device
+    ws = list(iter_windows(Corpus(seq_len=args.seq_len, max_windows=args.windows), m.tokenizer))
+    ids = torch.tensor([w.token_ids for w in ws])
+    seq_ids = torch.tensor([w.seq_id for w in ws])
+    n_tokens = ids.numel()
+    spec = CollectorSpec(list(range(m.info.n_layers)), m.info.n_neurons, args.seq_len, top_k=20, n_random=15, seed=0)
+    reduce = compiled_reductions() if args.compile else window_reductions
+    print(f"model {m.info.name}: {m.info.n_layers} layers x {m.info.n_neurons} neurons, {m.info.dtype} on {device}; "
+          f"{len(ws)} windows x {args.seq_len} tokens, batch {args.batch}, torch threads {torch.get_num_threads()}")
+
+    def plain():
+        with torch.no_grad():
+            for i in range(0, len(ws), args.batch):
+                m.model.base_model(input_ids=ids[i:i + args.batch].to(device), use_cache=False)
+
+    def full_lm():
+        with torch.no_grad():
+            for i in range(0, len(ws), args.batch):
+                m.model(input_ids=ids[i:i + args.batch].to(device), use_cache=False)
+
+    def extract():
+        collector = ActivationCollector(spec, dtype=m.model.dtype, device=device, reduce=reduce)
+        ex = ActivationExtractor(m, collector)
+        try:
+            return timed(lambda: ex.run(ids, seq_ids, args.batch))
+        finally:
+            ex.close()
+
+    # warm-up (and, with --compile, the compilation for the full and the last partial batch shapes)
+    with torch.no_grad():
+        m.model.base_model(input_ids=ids[:args.batch].to(device), use_cache=False)
+    warm = ActivationCollector(spec, dtype=m.model.dtype, device=device, reduce=reduce)
+    wex = ActivationExtractor(m, warm)
+    wex.run(ids[:args.batch], seq_ids[:args.batch], args.batch)
+    if len(ws) % args.batch:
+        tail = len(ws) % args.batch
+        wex.run(ids[-tail:], seq_ids[-tail:], args.batch)
+    wex.close()
+
+    plain_s, extract_s = [], []
+    for r in range(args.repeats):
+        plain_s.append(timed(plain))
+        extract_s.append(extract())
+        print(f"repeat {r}: plain {n_tokens / plain_s[-1]:,.0f} tokens/s, "
+              f"extract {n_tokens / extract_s[-1]:,.0f} tokens/s", flush=True)
+    full_s = timed(full_lm)
+    plain_tps = n_tokens / statistics.median(plain_s)
+    extract_tps = n_tokens / statistics.median(extract_s)
+    peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print(f"full LM forward (with head):      {n_tokens / full_s:,.0f} tokens/s (one run, reference)")
+    print(f"plain forward (trunk):            {plain_tps:,.0f} tokens/s (median of {args.repeats})")
+    print(f"forward+capture+summaries (all {m.info.n_layers} layers): {extract_tps:,.0f} tokens/s")
+    print(f"peak memory: {peak_rss:,.0f} MiB resident" + (
+        f", {torch.cuda.max_memory_allocated() / 2**20:,.0f} MiB GPU" if torch.cuda.is_available() else ""))
+    print(f"extract_overhead_ratio={extract_tps / plain_tps:.3f}")
+
+
+if __name__ == "__main__":
+    main()

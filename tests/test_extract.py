@@ -1,0 +1,233 @@
+"""The activation collector against brute force: every activation materialised, top/random/stats the slow way."""
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from schemas.config import Corpus
+from workers.corpus import iter_windows
+from workers.extract import (ActivationCollector, ActivationExtractor, CollectorSpec, float_order_key,
+                             random_priorities, random_priority_py, tensor_bytes, tensor_load)
+
+SEED = 7
+
+
+def windows_of(model, n=45, seq_len=16):
+    ws = list(iter_windows(Corpus(seq_len=seq_len, max_windows=n), model.tokenizer))
+    return torch.tensor([w.token_ids for w in ws]), torch.tensor([w.seq_id for w in ws])
+
+
+def all_activations(model, layers, token_ids):
+    """The oracle's input: a plain forward with a hook that keeps every activation."""
+    seen = {}
+    hooks = [model.down_proj(layer).register_forward_pre_hook(
+        lambda mod, args, layer=layer: seen.__setitem__(layer, args[0].float().numpy().copy())) for layer in layers]
+    with torch.no_grad():
+        model.model(token_ids)
+    for h in hooks:
+        h.remove()
+    return seen
+
+
+def slow_summary(acts, seq_ids, layer, top_k, n_random, seed=SEED):
+    """acts [W, T, N] -> per neuron: top (seq_ids), random (seq_ids), stats - straight from the definitions."""
+    out = []
+    for n in range(acts.shape[2]):
+        a = acts[:, :, n]
+        wmax = a.max(1)
+        top = sorted(range(len(seq_ids)), key=lambda i: (-wmax[i], seq_ids[i]))[:top_k]
+        rnd = sorted(range(len(seq_ids)), key=lambda i: (random_priority_py(seed, layer, n, int(seq_ids[i])),
+                                                         seq_ids[i]))[:n_random]
+        flat = a.astype(np.float64).reshape(-1)
+        out.append({"top": [int(seq_ids[i]) for i in top], "random": [int(seq_ids[i]) for i in rnd],
+                    "top_acts": a[top], "random_acts": a[rnd], "mean": flat.mean(), "variance": flat.var(),
+                    "max": a.max(), "frac_positive": (flat > 0).mean(), "n_tokens": flat.size})
+    return out
+
+
+def by_neuron(records):
+    rows = {}
+    for r in records.to_pylist():
+        rows.setdefault(r["neuron"], {}).setdefault(r["kind"], []).append(r)
+    return rows
+
+
+def check_against_oracle(collector, layer, acts, seq_ids, top_k, n_random):
+    want = slow_summary(acts, seq_ids.numpy(), layer, top_k, n_random)
+    got = by_neuron(collector.layers[layer].records_table())
+    stats = collector.layers[layer].stats_table().to_pylist()
+    for n, w in enumerate(want):
+        top, rnd = got[n]["top"], got[n].get("random", [])
+        assert [r["seq_id"] for r in top] == w["top"], f"neuron {n}"
+        assert [r["rank"] for r in top] == list(range(len(w["top"])))
+        assert [r["seq_id"] for r in rnd] == w["random"], f"neuron {n}"
+        np.testing.assert_allclose([r["activations"] for r in top], w["top_acts"], rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose([r["activations"] for r in rnd], w["random_acts"].reshape(len(rnd), -1),
+                                   rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose([r["max_activation"] for r in top], w["top_acts"].max(1), rtol=1e-5, atol=1e-6)
+        s = stats[n]
+        assert s["neuron"] == n and s["n_tokens"] == w["n_tokens"]
+        assert s["frac_positive"] == pytest.approx(w["frac_positive"], abs=1e-12)
+        assert s["max"] == pytest.approx(w["max"], rel=1e-5, abs=1e-6)
+        assert s["mean"] == pytest.approx(w["mean"], rel=1e-4, abs=1e-6)
+        assert s["variance"] == pytest.approx(w["variance"], rel=1e-4, abs=1e-7)
+
+
+@pytest.mark.parametrize("fixture", ["tiny_gpt2", "tiny_llama"])
+def test_collector_matches_brute_force_on_a_real_forward(fixture, request):
+    model = request.getfixturevalue(fixture)
+    token_ids, seq_ids = windows_of(model)
+    spec = CollectorSpec([0, 1], model.info.n_neurons, 16, top_k=6, n_random=5, seed=SEED)
+    collector = ActivationCollector(spec)
+    extractor = ActivationExtractor(model, collector)
+    extractor.run(token_ids, seq_ids, batch_size=7)  # uneven batches: 6 x 7 + 3
+    extractor.close()
+    acts = all_activations(model, [0, 1], token_ids)
+    for layer in (0, 1):
+        check_against_oracle(collector, layer, acts[layer], seq_ids, 6, 5)
+    assert collector.n_windows == 45
+
+
+def test_only_requested_layers_are_hooked_and_the_forward_stops_after_the_last(tiny_llama):
+    token_ids, seq_ids = windows_of(tiny_llama, n=5)
+    calls = []
+    h = tiny_llama.down_proj(1).register_forward_pre_hook(lambda m, a: calls.append(1))
+    collector = ActivationCollector(CollectorSpec([0], 64, 16, 3, 2, SEED))
+    extractor = ActivationExtractor(tiny_llama, collector)
+    extractor.run(token_ids, seq_ids, batch_size=5)
+    h.remove()
+    extractor.close()
+    assert list(collector.layers) == [0] and calls == []  # layer 1 never ran
+    with torch.no_grad():  # and the hooks are gone after close, the model works as before
+        tiny_llama.model(token_ids)
+
+
+def synthetic(n_windows, seq_len, n_neurons, seed, levels=4):
+    """Small integer activations: window maxima tie all the time, which tests the tie rule."""
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(-1, levels - 1, (n_windows, seq_len, n_neurons), generator=g).float()
+
+
+def feed(collector, layer, acts, seq_ids, batch):
+    for i in range(0, len(seq_ids), batch):
+        collector.update(layer, acts[i:i + batch], seq_ids[i:i + batch])
+        collector.n_windows += len(seq_ids[i:i + batch])
+
+
+def test_ties_go_to_the_lower_seq_id_whatever_the_arrival_order():
+    spec = CollectorSpec([3], n_neurons=2, seq_len=2, top_k=3, n_random=0, seed=0)
+    c = ActivationCollector(spec)
+    acts = torch.tensor([[[1.0, 5.0], [0.0, 5.0]]] * 5)  # every window: neuron 0 max 1.0, neuron 1 max 5.0
+    acts[2, 0, 0] = 2.0  # seq 40 is the one window above the tie for neuron 0
+    seq_ids = torch.tensor([90, 10, 40, 30, 20])
+    feed(c, 3, acts, seq_ids, batch=2)
+    rows = by_neuron(c.layers[3].records_table())
+    assert [r["seq_id"] for r in rows[0]["top"]] == [40, 10, 20]
+    assert [r["seq_id"] for r in rows[1]["top"]] == [10, 20, 30]
+    assert [r["max_activation"] for r in rows[0]["top"]] == [2.0, 1.0, 1.0]
+
+
+def test_negative_zero_ties_with_zero():
+    keys = float_order_key(torch.tensor([-0.0, 0.0, -1e-30, 1e-30, float("-inf")]))
+    assert keys[0] == keys[1] and keys[4] < keys[2] < keys[0] < keys[3]
+
+
+def test_random_priorities_on_the_device_equal_the_python_reference():
+    from workers.extract import neuron_salts
+    salts = neuron_salts(123456789, 5, 4, "cpu")
+    seq = torch.tensor([0, 1, 2 ** 31 + 5, 2 ** 32 - 1])
+    got = random_priorities(salts, seq)
+    want = [[random_priority_py(123456789, 5, n, int(s)) for s in seq] for n in range(4)]
+    assert got.tolist() == want
+    assert all(0 <= v < 2 ** 31 for row in want for v in row)
+
+
+def test_random_records_are_uniform_and_independent_per_neuron():
+    """Each window is sampled with probability n_random / n_windows; neurons do not share a sample."""
+    n_windows, n_neurons, k = 50, 400, 5
+    salts = __import__("workers.extract", fromlist=["neuron_salts"]).neuron_salts(SEED, 0, n_neurons, "cpu")
+    pri = random_priorities(salts, torch.arange(n_windows))
+    chosen = pri.argsort(dim=1)[:, :k]
+    counts = torch.bincount(chosen.reshape(-1), minlength=n_windows).float()
+    expected = n_neurons * k / n_windows  # 40 per window
+    chi2 = float(((counts - expected) ** 2 / expected).sum())
+    assert chi2 < 100  # 49 degrees of freedom: p < 1e-5 above 100
+    assert len({tuple(sorted(r)) for r in chosen.tolist()}) > n_neurons * 0.99
+
+
+def test_synthetic_with_ties_matches_brute_force():
+    acts = synthetic(37, 3, 5, seed=1)
+    seq_ids = torch.randperm(1000)[:37]
+    c = ActivationCollector(CollectorSpec([2], 5, 3, top_k=8, n_random=6, seed=SEED))
+    feed(c, 2, acts, seq_ids, batch=4)
+    check_against_oracle(c, 2, acts.numpy(), seq_ids, 8, 6)
+
+
+def state(c):
+    layer = c.layers[next(iter(c.layers))]
+    return layer.top.sorted(), layer.random.sorted(), layer.stats
+
+
+def assert_same(a, b):
+    (ta, ra, sa), (tb, rb, sb) = state(a), state(b)
+    for x, y in ((ta, tb), (ra, rb)):
+        assert torch.equal(x[0], y[0]) and torch.equal(x[1], y[1]) and x[2] == y[2]
+    assert sa.n == sb.n and torch.equal(sa.max, sb.max) and torch.equal(sa.n_pos, sb.n_pos)
+    torch.testing.assert_close(sa.mean, sb.mean, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(sa.m2, sb.m2, rtol=1e-12, atol=1e-10)
+
+
+@settings(max_examples=40, deadline=None)
+@given(n_windows=st.integers(1, 40), parts=st.integers(1, 4), batch=st.integers(1, 9), top_k=st.integers(1, 6),
+       n_random=st.integers(0, 6), seed=st.integers(0, 10 ** 6))
+def test_merging_slices_equals_one_collector_over_everything(n_windows, parts, batch, top_k, n_random, seed):
+    spec = CollectorSpec([1], 3, 4, top_k, n_random, seed)
+    acts = synthetic(n_windows, 4, 3, seed)
+    seq_ids = torch.randperm(10 * n_windows, generator=torch.Generator().manual_seed(seed))[:n_windows]
+    whole = ActivationCollector(spec)
+    feed(whole, 1, acts, seq_ids, batch)
+    cuts = sorted({0, n_windows, *torch.randint(0, n_windows + 1, (parts - 1,)).tolist()})
+    merged = ActivationCollector(spec)
+    for i, (lo, hi) in enumerate(zip(cuts, cuts[1:])):
+        part = ActivationCollector(spec)
+        part.done_chunks = {i}
+        feed(part, 1, acts[lo:hi], seq_ids[lo:hi], batch + i)
+        merged.merge(part)
+    assert_same(whole, merged)
+    assert merged.n_windows == n_windows
+
+
+def test_state_dict_round_trip_then_continue():
+    spec = CollectorSpec([0], 4, 3, 3, 2, SEED)
+    acts, seq_ids = synthetic(20, 3, 4, seed=3), torch.arange(20)
+    whole = ActivationCollector(spec)
+    feed(whole, 0, acts, seq_ids, 5)
+    first = ActivationCollector(spec)
+    feed(first, 0, acts[:10], seq_ids[:10], 5)
+    first.done_chunks = {0}
+    resumed = ActivationCollector(spec)
+    resumed.load_state_dict(tensor_load(tensor_bytes(first.state_dict())))
+    assert resumed.done_chunks == {0} and resumed.n_windows == 10
+    feed(resumed, 0, acts[10:], seq_ids[10:], 5)
+    assert_same(whole, resumed)
+
+
+def test_merging_overlapping_chunks_is_refused():
+    from workers.extract import ExtractError
+    spec = CollectorSpec([0], 2, 2, 1, 0, 0)
+    a, b = ActivationCollector(spec), ActivationCollector(spec)
+    a.done_chunks, b.done_chunks = {1, 2}, {2, 3}
+    with pytest.raises(ExtractError, match=r"both cover chunks \[2\]"):
+        a.merge(b)
+
+
+def test_bf16_activations_are_kept_exactly():
+    acts = (torch.randn(6, 4, 3) * 3).to(torch.bfloat16)
+    c = ActivationCollector(CollectorSpec([0], 3, 4, 2, 0, 0), dtype=torch.bfloat16)
+    feed(c, 0, acts, torch.arange(6), 4)
+    rows = by_neuron(c.layers[0].records_table())
+    wmax = acts.float().amax(1)
+    for n in range(3):
+        best = int(wmax[:, n].argmax())
+        assert rows[n]["top"][0]["activations"] == acts[best, :, n].float().tolist()

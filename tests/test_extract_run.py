@@ -1,0 +1,217 @@
+"""The extraction stage against a run directory: outputs, resume after SIGKILL, Ray actors, CLI, bad input."""
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from orchestrator import extract_run
+from orchestrator.extract_run import EXTRACT_MARKER, read_records, run_extraction
+from orchestrator.store import RunStore
+from schemas.config import ConfigError, SweepConfig
+from workers.corpus import CorpusError
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def config(out, **over):
+    data = {"model": {"name": "tiny-gpt2", "batch_size": 5}, "corpus": {"seq_len": 16, "max_windows": 40},
+            "records": {"top_k": 4, "n_random": 3, "n_per_split": 1}, "seed": 3, "output": str(out)}
+    for k, v in over.items():
+        data.setdefault(k, {}).update(v) if isinstance(v, dict) else data.__setitem__(k, v)
+    return SweepConfig.from_dict(data)
+
+
+def tables(store):
+    rec = store.read_table("records").sort_by([("layer", "ascending"), ("neuron", "ascending"),
+                                               ("kind", "ascending"), ("rank", "ascending")])
+    stats = store.read_table("neuron_stats").sort_by([("layer", "ascending"), ("neuron", "ascending")])
+    return rec, stats
+
+
+def assert_same_outputs(a, b):
+    (ra, sa), (rb, sb) = tables(a), tables(b)
+    assert ra.drop_columns(["activations"]).equals(rb.drop_columns(["activations"]))
+    np.testing.assert_allclose(np.array(ra["activations"].to_pylist()), np.array(rb["activations"].to_pylist()),
+                               rtol=1e-6, atol=1e-7)
+    for col in ("layer", "neuron", "max", "n_tokens", "frac_positive"):
+        assert sa[col].equals(sb[col])
+    np.testing.assert_allclose(sa["mean"].to_numpy(), sb["mean"].to_numpy(), rtol=1e-9, atol=1e-12)
+    np.testing.assert_allclose(sa["variance"].to_numpy(), sb["variance"].to_numpy(), rtol=1e-9, atol=1e-12)
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    """One uninterrupted in-process extraction that the other tests compare against."""
+    out = tmp_path_factory.mktemp("ref")
+    store = RunStore.open(str(out), create=True)
+    summary = run_extraction(config(out), store, use_ray=False, chunk_windows=8)
+    return store, summary
+
+
+def test_outputs_equal_a_fresh_forward_over_the_stored_windows(reference, tiny_gpt2):
+    store, summary = reference
+    assert (summary.n_windows, summary.n_chunks, summary.chunks_processed) == (40, 5, 5)
+    seqs = store.read_table("sequences")
+    assert seqs["seq_id"].to_pylist() == list(range(40))  # stored once, in 5 part files
+    assert len(store.list_files("sequences")) == 5
+    token_ids = torch.tensor(seqs["token_ids"].to_pylist())
+    acts = {}
+    hooks = [tiny_gpt2.down_proj(layer).register_forward_pre_hook(
+        lambda m, a, layer=layer: acts.__setitem__(layer, a[0].numpy().copy())) for layer in (0, 1)]
+    with torch.no_grad():
+        tiny_gpt2.model(token_ids)
+    for h in hooks:
+        h.remove()
+    rec, stats = tables(store)
+    for r in rec.to_pylist()[::7]:
+        np.testing.assert_allclose(r["activations"], acts[r["layer"]][r["seq_id"], :, r["neuron"]], rtol=1e-5,
+                                   atol=1e-6)
+        assert r["max_activation"] == pytest.approx(max(r["activations"]))
+    assert rec.num_rows == 2 * 64 * (4 + 3)
+    assert stats.num_rows == 128 and set(stats["n_tokens"].to_pylist()) == {40 * 16}
+    marker = store.read_json(EXTRACT_MARKER)
+    assert {k: marker[k] for k in ("layers", "n_neurons", "n_windows", "seq_len", "top_k", "n_random", "seed")} == \
+        {"layers": [0, 1], "n_neurons": 64, "n_windows": 40, "seq_len": 16, "top_k": 4, "n_random": 3, "seed": 3}
+    assert marker["model"]["name"] == "tiny-gpt2"
+
+
+def test_a_finished_run_is_not_redone(reference):
+    store, _ = reference
+    before = {p: os.path.getmtime(p) for p in store.list_files("records")}
+    again = run_extraction(config(store.root), store, use_ray=False)
+    assert again.already_complete and again.n_windows == 40
+    assert {p: os.path.getmtime(p) for p in store.list_files("records")} == before
+
+
+def test_reading_a_neuron_range_opens_only_its_files(tmp_path, monkeypatch):
+    monkeypatch.setattr(extract_run, "NEURONS_PER_FILE", 16)
+    store = RunStore.open(str(tmp_path), create=True)
+    run_extraction(config(tmp_path, layers="1"), store, use_ray=False, chunk_windows=40)
+    files = sorted(p.rsplit("/", 1)[-1] for p in store.list_files("records/layer=1"))
+    assert files == ["n000000-000016.parquet", "n000016-000032.parquet", "n000032-000048.parquet",
+                     "n000048-000064.parquet"]
+    t = read_records(store, 1, 20, 30)
+    assert sorted(set(t["neuron"].to_pylist())) == list(range(20, 30))
+    assert t["neuron"].to_pylist() == sorted(t["neuron"].to_pylist())  # rows sorted by neuron
+    assert t.num_rows == 10 * 7
+    assert read_records(store, 1, 70, 80).num_rows == 0
+    assert pq.read_metadata(store.list_files("records/layer=1")[0]).num_rows == 16 * 7
+
+
+KILLER = textwrap.dedent("""
+    import os, signal, sys
+    sys.path.insert(0, {root!r})
+    from orchestrator.extract_run import run_extraction
+    from orchestrator.store import RunStore
+    from schemas.config import SweepConfig
+    cfg = SweepConfig.from_dict({cfg!r})
+    def progress(p):
+        if p.chunks_done == 2:
+            os.kill(os.getpid(), signal.SIGKILL)  # the driver dies hard after two finished chunks
+    run_extraction(cfg, RunStore.open(cfg.output, create=True), use_ray=False, chunk_windows=8, progress=progress)
+""")
+
+
+def test_killed_driver_resumes_from_the_last_finished_chunk(tmp_path, reference):
+    cfg = config(tmp_path / "run")
+    script = KILLER.format(root=str(ROOT), cfg=cfg.model_dump(mode="json"))
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, timeout=120)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr.decode()[-2000:]
+    store = RunStore.open(cfg.output)
+    assert not store.exists(EXTRACT_MARKER)
+    resumed = run_extraction(cfg, store, use_ray=False, chunk_windows=8)
+    assert (resumed.chunks_resumed, resumed.chunks_processed) == (2, 3)  # chunks 0 and 1 were not recomputed
+    assert_same_outputs(store, reference[0])
+
+
+def test_a_partial_run_with_other_settings_is_refused(tmp_path):
+    from workers.extract import ExtractError
+    store = RunStore.open(str(tmp_path), create=True)
+    extract_run.checked_plan(config(tmp_path), store, _info(), [0, 1], 8)
+    with pytest.raises(ExtractError, match=r"other settings \(top_k: 4 there, 8 now\)"):
+        extract_run.checked_plan(config(tmp_path, records={"top_k": 8, "n_per_split": 1}), store, _info(), [0, 1], 8)
+
+
+def _info():
+    from workers.models import model_info
+    return model_info("tiny-gpt2")
+
+
+@pytest.mark.parametrize("over, error, match", [
+    ({"layers": "0,5"}, ConfigError, r"layers: layer 5 is out of range; this model has 2 layers"),
+    ({"corpus": {"seq_len": 300}}, ConfigError, r"corpus.seq_len=300 is longer than the model's context of 256"),
+])
+def test_bad_input_is_a_clear_error(tmp_path, over, error, match):
+    with pytest.raises(error, match=match):
+        run_extraction(config(tmp_path, **over), RunStore.open(str(tmp_path), create=True), use_ray=False)
+
+
+def test_an_empty_corpus_is_a_clear_error(tmp_path):
+    empty = tmp_path / "empty.txt"
+    empty.write_text("  \n")
+    with pytest.raises(CorpusError, match="is empty"):
+        run_extraction(config(tmp_path / "run", corpus={"source": str(empty)}),
+                       RunStore.open(str(tmp_path / "run"), create=True), use_ray=False)
+
+
+def test_cli_extract_then_again_does_nothing(tmp_path, capsys):
+    from orchestrator.cli import main
+    args = ["extract", "--model", "tiny-llama", "--layers", "1", "--max-windows", "12", "--seq-len", "8",
+            "--out", str(tmp_path), "--local", "--set", "records.top_k=4", "--set", "records.n_random=3",
+            "--set", "records.n_per_split=1"]
+    assert main(args) == 0
+    assert "extracted 1 layers x 64 neurons over 12 windows" in capsys.readouterr().out
+    assert main(args) == 0
+    assert "already complete" in capsys.readouterr().out
+    assert main(["extract", "--model", "tiny-llama", "--layers", "7", "--out", str(tmp_path / "x"), "--local"]) == 2
+    assert "layer 7 is out of range" in capsys.readouterr().err
+
+
+@pytest.fixture(scope="module")
+def ray_local():
+    import ray
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield ray
+    ray.shutdown()
+
+
+def test_two_ray_actors_over_halves_equal_one_worker_over_all(tmp_path, reference, ray_local):
+    cfg = config(tmp_path)
+    store = RunStore.open(str(tmp_path), create=True)
+    s = run_extraction(cfg, store, n_actors=2, chunk_windows=8)
+    heads = extract_run.slot_heads(store)
+    assert sorted(heads) == [0, 1] and all(h["done_chunks"] for h in heads.values())  # both actors worked
+    assert s.chunks_processed == 5
+    assert_same_outputs(store, reference[0])
+
+
+@pytest.mark.real_model
+def test_default_model_records_equal_a_fresh_forward(tmp_path, default_model):
+    cfg = SweepConfig.from_dict({"corpus": {"seq_len": 16, "max_windows": 12}, "layers": "0,29",
+                                 "model": {"batch_size": 4}, "output": str(tmp_path)})
+    store = RunStore.open(str(tmp_path), create=True)
+    run_extraction(cfg, store, use_ray=False, chunk_windows=4)  # batches of 4, like the check below
+    seqs = store.read_table("sequences")
+    token_ids = torch.tensor(seqs["token_ids"].to_pylist())
+    acts = {}
+    hooks = [default_model.down_proj(layer).register_forward_pre_hook(
+        lambda m, a, layer=layer: acts.__setitem__(layer, a[0].float().numpy().copy())) for layer in (0, 29)]
+    with torch.no_grad():
+        for i in range(0, 12, 4):  # same batches as the extraction: bf16 kernels are exact per batch shape
+            default_model.model(input_ids=token_ids[i:i + 4], use_cache=False)
+            for layer in (0, 29):
+                acts.setdefault(("all", layer), []).append(acts[layer])
+    for h in hooks:
+        h.remove()
+    full = {layer: np.concatenate(acts[("all", layer)]) for layer in (0, 29)}
+    rec = store.read_table("records")
+    assert set(rec["layer"].to_pylist()) == {0, 29} and rec.num_rows == 2 * 1536 * (12 + 12)  # 12 windows: fewer than top_k and n_random
+    for r in rec.to_pylist()[::97]:
+        assert r["activations"] == full[r["layer"]][r["seq_id"], :, r["neuron"]].tolist()  # bf16, bit for bit
