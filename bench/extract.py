@@ -23,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from schemas.config import Corpus  # noqa: E402
 from workers.corpus import iter_windows  # noqa: E402
 from workers.extract import (ActivationCollector, ActivationExtractor, CollectorSpec,  # noqa: E402
-                             compiled_reductions, window_reductions)
+                             compiled_summaries, window_summaries)
 from workers.models import load_subject  # noqa: E402
 
 
@@ -44,7 +44,7 @@ def main() -> None:
     ap.add_argument("--seq-len", type=int, default=64)
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--compile", action="store_true", help="fuse the per-window reductions with torch.compile")
+    ap.add_argument("--eager", action="store_true", help="do not fuse the per-window reductions (torch.compile)")
     ap.add_argument("--dtype", default="auto")
     args = ap.parse_args()
 
@@ -54,8 +54,9 @@ def main() -> None:
     ids = torch.tensor([w.token_ids for w in ws])
     seq_ids = torch.tensor([w.seq_id for w in ws])
     n_tokens = ids.numel()
-    spec = CollectorSpec(list(range(m.info.n_layers)), m.info.n_neurons, args.seq_len, top_k=20, n_random=15, seed=0)
-    reduce = compiled_reductions() if args.compile else window_reductions
+    spec = CollectorSpec(list(range(m.info.n_layers)), m.info.n_neurons, args.seq_len, top_k=20, n_random=15, seed=0,
+                         corpus=seq_ids.tolist())
+    summarize = window_summaries if args.eager else compiled_summaries()
     print(f"model {m.info.name}: {m.info.n_layers} layers x {m.info.n_neurons} neurons, {m.info.dtype} on {device}; "
           f"{len(ws)} windows x {args.seq_len} tokens, batch {args.batch}, torch threads {torch.get_num_threads()}")
 
@@ -70,7 +71,7 @@ def main() -> None:
                 m.model(input_ids=ids[i:i + args.batch].to(device), use_cache=False)
 
     def extract():
-        collector = ActivationCollector(spec, dtype=m.model.dtype, device=device, reduce=reduce)
+        collector = ActivationCollector(spec, dtype=m.model.dtype, device=device, summarize=summarize)
         ex = ActivationExtractor(m, collector)
         try:
             return timed(lambda: ex.run(ids, seq_ids, args.batch))
@@ -80,7 +81,7 @@ def main() -> None:
     # warm-up (and, with --compile, the compilation for the full and the last partial batch shapes)
     with torch.no_grad():
         m.model.base_model(input_ids=ids[:args.batch].to(device), use_cache=False)
-    warm = ActivationCollector(spec, dtype=m.model.dtype, device=device, reduce=reduce)
+    warm = ActivationCollector(spec, dtype=m.model.dtype, device=device, summarize=summarize)
     wex = ActivationExtractor(m, warm)
     wex.run(ids[:args.batch], seq_ids[:args.batch], args.batch)
     if len(ws) % args.batch:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import time
 from typing import Annotated, Optional
 
 import typer
@@ -15,6 +16,8 @@ from orchestrator.store import RunStore
 from schemas.config import SweepConfig
 
 RetryOpt = Annotated[bool, typer.Option("--retry-failed", help="also redo neurons that failed before")]
+LingerOpt = Annotated[float, typer.Option("--metrics-linger", help="keep serving metrics this many seconds after "
+                                                                  "the sweep ends, so a last scrape sees the end")]
 
 
 def s3_options_from_env(e: dict) -> dict | None:
@@ -30,7 +33,7 @@ def s3_options_from_env(e: dict) -> dict | None:
     return opts
 
 
-def _run(cfg: SweepConfig, *, retry_failed: bool) -> None:
+def _run(cfg: SweepConfig, *, retry_failed: bool, linger_s: float = 0.0) -> None:
     from orchestrator.metrics import SweepMetrics
     from orchestrator.pipeline import run_sweep
 
@@ -59,8 +62,6 @@ def _run(cfg: SweepConfig, *, retry_failed: bool) -> None:
         outcome = run_sweep(cfg, e, retry_failed=retry_failed, s3_options=s3_options_from_env(e), metrics=metrics,
                             on_progress=on_progress, extract_progress=progress)
         on_progress(outcome)
-    if server is not None:
-        server.shutdown()
     out.print(f"neurons: {outcome.done:,} done, {outcome.failed:,} failed, {outcome.skipped:,} skipped "
               f"of {outcome.planned:,}; {outcome.shards_committed}/{outcome.shards_total} shards committed")
     out.print(f"tokens: {outcome.prompt_tokens:,} prompt + {outcome.completion_tokens:,} completion; "
@@ -77,6 +78,11 @@ def _run(cfg: SweepConfig, *, retry_failed: bool) -> None:
     else:
         out.print(f"results in {cfg.output}: `neuronsweep status {cfg.output}`, "
                   f"`neuronsweep show {cfg.output} LAYER NEURON`, `neuronsweep view {cfg.output}`")
+    if server is not None:
+        if linger_s > 0:
+            console.print(f"serving final metrics for {linger_s:g}s more")
+            time.sleep(linger_s)
+        server.shutdown()
     if outcome.shard_errors:
         raise typer.Exit(1)
 
@@ -92,16 +98,17 @@ def _version() -> str:
 @app.command()
 def sweep(config: ConfigOpt = None, sets: SetOpt = None, model: ModelOpt = None, corpus: CorpusOpt = None,
           layers: LayersOpt = None, neurons: NeuronsOpt = None, out_dir: OutOpt = None, seq_len: SeqLenOpt = None,
-          max_windows: WindowsOpt = None, address: AddressOpt = None, retry_failed: RetryOpt = False) -> None:
+          max_windows: WindowsOpt = None, address: AddressOpt = None, retry_failed: RetryOpt = False,
+          metrics_linger: LingerOpt = 0.0) -> None:
     """Extract, explain, simulate and score every requested neuron (resumes an existing run directory)."""
     cfg = build_config(config, sets, model=model, corpus=corpus, layers=layers, neurons=neurons, out=out_dir,
                        seq_len=seq_len, max_windows=max_windows, address=address)
-    _run(cfg, retry_failed=retry_failed)
+    _run(cfg, retry_failed=retry_failed, linger_s=metrics_linger)
 
 
 @app.command()
 def resume(run: Annotated[str, typer.Argument(help="run directory or URI")], sets: SetOpt = None,
-           address: AddressOpt = None, retry_failed: RetryOpt = False) -> None:
+           address: AddressOpt = None, retry_failed: RetryOpt = False, metrics_linger: LingerOpt = 0.0) -> None:
     """Continue a run from its run directory: nothing committed is redone, no journaled call is repaid."""
     store = _open(run)
     cfg = load_run_config(store)
@@ -113,7 +120,7 @@ def resume(run: Annotated[str, typer.Argument(help="run directory or URI")], set
     data["output"] = run
     if address:
         data["ray_address"] = address
-    _run(SweepConfig.from_dict(data), retry_failed=retry_failed)
+    _run(SweepConfig.from_dict(data), retry_failed=retry_failed, linger_s=metrics_linger)
 
 
 def _open(run: str) -> RunStore:
@@ -162,11 +169,49 @@ def show(run: Annotated[str, typer.Argument(help="run directory or URI")], layer
         mark = "*" if e.get("selected") else " "
         out.print(f" {mark} explanation [{e['candidate']}]: {e['explanation']}")
     for s in d["scores"]:
-        val = "null" if s["score"] is None else f"{s['score']:.3f}"
-        extra = "".join(f" {k}={s[k]:.3f}" for k in ("score_top", "score_random", "r2", "absdev")
-                        if s.get(k) is not None)
-        out.print(f"   {s['scorer']:<12} {val}{extra}" + (f"  ({s['null_reason']})" if s.get("null_reason") else "")
-                  + f"  [{s.get('simulator_mode') or ''}]")
+        out.print(score_line(s))
     for r in d["records"][:n_records]:
         text = "".join(f"{tok}[{act:.2f}]" if act > 0 else tok for tok, act in zip(r["tokens"], r["activations"]))
         out.print(f"   top #{r['rank']} (max {r['max_activation']:.3f}): {text!r}", markup=False, highlight=False)
+
+
+@app.command()
+def explain(layer: Annotated[int, typer.Option("--layer", help="layer of the neuron")],
+            neuron: Annotated[int, typer.Option("--neuron", help="index of the neuron in its layer")],
+            out_dir: OutOpt = None, config: ConfigOpt = None, sets: SetOpt = None, model: ModelOpt = None) -> None:
+    """Explain and score one neuron in this process (no Ray), from the records `extract` stored in --out.
+    Prints the explanation and scores; writes nothing but the call journal."""
+    import asyncio
+
+    from orchestrator.pipeline import build_runner, required_secrets
+    from orchestrator.plan import EXTRACT_MARKER, Shard
+
+    cfg = build_config(config, sets, model=model, out=out_dir)
+    store = RunStore.open(cfg.output)
+    if store.exists("run.json"):
+        cfg = load_run_config(store).model_copy(update={"output": cfg.output})
+    if not store.exists(EXTRACT_MARKER):
+        raise CLIError(f"{cfg.output} has no finished extraction; run `neuronsweep extract --out {cfg.output}` first")
+    e = env()
+    required_secrets(cfg, e)
+    runner = build_runner(cfg, e)
+    records = runner.records.load(Shard(layer, (neuron,)))[neuron]
+    if not records.top:
+        raise CLIError(f"no records for layer {layer} neuron {neuron} in {cfg.output} (extracted layers differ?)")
+    started = time.monotonic()
+    with console.status(f"explaining layer {layer} neuron {neuron} with {cfg.explainer.model}"):
+        result = asyncio.run(runner.processor(records))
+    if result.error:
+        raise CLIError(f"layer {layer} neuron {neuron} failed: {result.error}")
+    out.print(f"[bold]layer {layer} neuron {neuron}[/] ({time.monotonic() - started:.1f}s)")
+    for row in result.explanation_rows:
+        out.print(f" {'*' if row['selected'] else ' '} {row['explanation']}")
+    for s in result.score_rows:
+        out.print(score_line(s))
+
+
+def score_line(s: dict) -> str:
+    val = "null" if s["score"] is None else f"{s['score']:.3f}"
+    extra = "".join(f" {k}={s[k]:.3f}" for k in ("score_top", "score_random", "r2", "absdev") if s.get(k) is not None)
+    reason = f"  ({s['null_reason']})" if s.get("null_reason") else ""
+    return f"   {s['scorer']:<12} {val}{extra}{reason}  [{s.get('simulator_mode') or ''}]"

@@ -27,13 +27,33 @@ def synthetic_shape(cfg: SweepConfig) -> tuple[int, int]:
     return int(m.group(1)), int(m.group(2))
 
 
-class SyntheticRecordSource:
-    """One short top record per neuron, deterministic from (layer, neuron)."""
+WORDS = ["The", " year", " 1987", " was", " (", "a", ")", " good", " one", ",", " and", " 42", " of", " the", "."]
 
-    def __init__(self, cfg: SweepConfig):
+
+class SyntheticRecordSource:
+    """Deterministic records from (layer, neuron): one short top record (`full=False`, for the instant
+    method), or the configured top_k + n_random windows of seq_len tokens firing on digits (`full=True`,
+    for the real method against the rule-following stub backend)."""
+
+    def __init__(self, cfg: SweepConfig, full: bool = False):
         self.cfg = cfg
+        self.full = full
+
+    def _record(self, layer: int, neuron: int, seq_id: int, kind: str, rank: int) -> ActivationRecord:
+        n = self.cfg.corpus.seq_len
+        tokens = [WORDS[(seq_id * 7 + i * 3 + neuron) % len(WORDS)] for i in range(n)]
+        scale = 1.0 + (zlib.crc32(f"{layer}:{neuron}:{seq_id}".encode()) % 100) / 50
+        acts = [scale * (4.0 if t.strip().isdigit() else 0.0) - 0.05 * (i % 3) for i, t in enumerate(tokens)]
+        return ActivationRecord(seq_id, tokens, acts, kind, rank)
 
     def load(self, shard) -> dict[int, NeuronRecords]:
+        if self.full:
+            r = self.cfg.records
+            return {n: NeuronRecords(shard.layer, n,
+                                     top=[self._record(shard.layer, n, k, "top", k) for k in range(r.top_k)],
+                                     random=[self._record(shard.layer, n, 1000 + k, "random", k)
+                                             for k in range(r.n_random)])
+                    for n in shard.neurons}
         out = {}
         for n in shard.neurons:
             peak = 1.0 + (zlib.crc32(f"{shard.layer}:{n}".encode()) % 1000) / 100

@@ -71,6 +71,17 @@ def build_runner(cfg: SweepConfig, env: Mapping[str, str], *, mode: str = "metho
         from orchestrator.instant import InstantProcessor, SyntheticRecordSource
         delay = float(mode.partition(":")[2] or 0)
         return ShardRunner(cfg, store, InstantProcessor(cfg, delay), SyntheticRecordSource(cfg))
+    if mode == "stub":  # the real method against an instant rule-following backend, on synthetic records
+        from orchestrator.instant import SyntheticRecordSource
+        from workers.llm_client import LLMClient
+        from workers.neuron import explain_and_score
+        from workers.stub_backends import RuleStubBackend
+
+        clients = {role: LLMClient(RuleStubBackend(), role=role, on_call=record_call) for role in ("e", "s")}
+
+        async def process(records):
+            return await explain_and_score(records, clients["e"], clients["s"], cfg)
+        return ShardRunner(cfg, store, process, SyntheticRecordSource(cfg, full=True))
     from workers.journal import CallJournal
 
     journal = CallJournal(journal_path(cfg, store))
@@ -81,14 +92,41 @@ def build_runner(cfg: SweepConfig, env: Mapping[str, str], *, mode: str = "metho
     return ShardRunner(cfg, store, method_processor(cfg, env, journal), StoreRecordSource(store), journal=journal)
 
 
+class ActorMetrics:
+    """What each ShardActor reports through Ray's own metrics agent (`ray_neuronsweep_actor_*` on every node's
+    metrics port), so per-node throughput is visible even before the driver counts a shard's summary."""
+
+    def __init__(self):
+        from ray.util.metrics import Counter, Histogram
+
+        self.neurons = Counter("neuronsweep_actor_neurons", "Neurons finished by this actor", tag_keys=("status",))
+        self.requests = Counter("neuronsweep_actor_api_requests", "LLM requests made by this actor",
+                                tag_keys=("role", "status"))
+        self.shard_seconds = Histogram("neuronsweep_actor_shard_duration_seconds", "Wall time of one shard",
+                                       boundaries=[0.1, 0.5, 1, 5, 10, 30, 60, 300, 900])
+
+    def record(self, summary: dict) -> None:
+        if summary.get("already_committed"):
+            return
+        for status in ("done", "failed", "skipped"):
+            if summary[status]:
+                self.neurons.inc(summary[status], tags={"status": status})
+        for role, _provider, _model, status, n in summary.get("requests", []):
+            self.requests.inc(n, tags={"role": role, "status": status})
+        self.shard_seconds.observe(summary["elapsed_s"])
+
+
 class ShardActor:
     """Thin Ray wrapper around ShardRunner (async: many shards and calls in flight per actor)."""
 
     def __init__(self, cfg_dict: dict, env: dict, mode: str, s3_options: dict | None):
         self.runner = build_runner(SweepConfig.from_dict(cfg_dict), env, mode=mode, s3_options=s3_options)
+        self.metrics = ActorMetrics()
 
     async def run(self, layer: int, neurons: tuple, retry_failed: bool) -> dict:
-        return await self.runner.run(Shard(layer, tuple(neurons)), retry_failed=retry_failed)
+        summary = await self.runner.run(Shard(layer, tuple(neurons)), retry_failed=retry_failed)
+        self.metrics.record(summary)
+        return summary
 
     async def ready(self) -> bool:
         return True
@@ -142,7 +180,7 @@ def default_actor_count(cfg: SweepConfig, mode: str) -> int:
     import ray
 
     cpus = int(ray.cluster_resources().get("CPU", 1))
-    if not mode.startswith("instant") and "local" in (cfg.explainer.kind, cfg.simulator.kind):
+    if mode == "method" and "local" in (cfg.explainer.kind, cfg.simulator.kind):
         return 1  # a local LLM is CPU/GPU-bound; one copy per sweep on a laptop
     return max(1, min(cpus, 8))
 
@@ -165,7 +203,7 @@ def run_sweep(cfg: SweepConfig, env: Mapping[str, str], *, retry_failed: bool = 
               extract_progress=None) -> SweepOutcome:
     import ray
 
-    instant = mode.startswith("instant")
+    instant = mode.startswith("instant") or mode == "stub"
     secrets = {} if instant else required_secrets(cfg, env)
     store = RunStore.open(cfg.output, s3_options=s3_options, create=True)
     if instant and not store.exists(EXTRACT_MARKER):
@@ -219,8 +257,8 @@ def _explain_stage(cfg, store, plan: Plan, secrets, *, retry_failed, mode, s3_op
         return out
 
     n = n_actors or default_actor_count(cfg, mode)
-    limiters = _shared_limiters(cfg) if not mode.startswith("instant") else []  # owned by the driver
-    local_llm = not mode.startswith("instant") and "local" in (cfg.explainer.kind, cfg.simulator.kind)
+    limiters = _shared_limiters(cfg) if mode == "method" else []  # owned by the driver
+    local_llm = mode == "method" and "local" in (cfg.explainer.kind, cfg.simulator.kind)
     actor_cls = ray.remote(ShardActor).options(
         num_cpus=1 if local_llm else 0.25, max_restarts=-1, max_task_retries=-1,
         max_concurrency=max(64, cfg.max_inflight_shards * 4))

@@ -25,3 +25,13 @@ def default_model():
     """The real embedded SmolLM2-135M (converted once into the cache, ~20 s the first time)."""
     from workers.models import load_model
     return load_model()
+
+
+@pytest.fixture(scope="session")
+def live_sweep(tmp_path_factory):
+    """A real sweep in its own process, serving metrics (see tests/live_sweep.py)."""
+    from live_sweep import start_live_sweep, stop_live_sweep
+
+    live, server = start_live_sweep(tmp_path_factory.mktemp("live-sweep"))
+    yield live
+    stop_live_sweep(live, server)

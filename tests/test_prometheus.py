@@ -64,10 +64,11 @@ def scrape_config_for(target_url: str, workdir: Path) -> dict[str, Any]:
 
 
 @pytest.fixture(scope="module")
-def prometheus_url(prometheus_binary, metrics_target_url, tmp_path_factory) -> Iterator[str]:  # noqa: F811
+def prometheus_url(prometheus_binary, live_sweep, tmp_path_factory) -> Iterator[str]:
+    """Started while the live sweep is still working, so Prometheus watches it progress."""
     workdir = tmp_path_factory.mktemp("prometheus")
     config_file = workdir / "prometheus.yml"
-    config_file.write_text(yaml.safe_dump(scrape_config_for(metrics_target_url, workdir)))
+    config_file.write_text(yaml.safe_dump(scrape_config_for(live_sweep.url, workdir)))
     port = _free_port()
     log = open(workdir / "prometheus.log", "w")
     proc = subprocess.Popen(
@@ -134,10 +135,20 @@ def test_prometheus_returns_the_progress_series(prometheus_url, metrics_target_u
     expected = target_samples(metrics_target_url)[("neuronsweep_neurons_total", frozenset({("status", "done")}))]
     assert expected > 0
     promql = 'neuronsweep_neurons_total{job="neuronsweep-driver", status="done"}'
-    data = wait_for(lambda: query(prometheus_url, promql)["result"], timeout=30, what=promql)
-    (series,) = data
+
+    def final_value_seen():
+        result = query(prometheus_url, promql)["result"]
+        return result if result and float(result[0]["value"][1]) == expected else None
+    (series,) = wait_for(final_value_seen, timeout=30, what=f"{promql} == {expected}")
     assert series["metric"]["__name__"] == "neuronsweep_neurons_total"
-    assert float(series["value"][1]) == expected
+
+
+def test_prometheus_watched_the_sweep_progress(prometheus_url, metrics_target_url):  # noqa: F811
+    """Scraped while the sweep ran: the series took several increasing values, not just the final one."""
+    promql = 'neuronsweep_neurons_total{job="neuronsweep-driver", status="done"}[10m]'
+    result = wait_for(lambda: query(prometheus_url, promql)["result"], timeout=30, what=promql)
+    values = [float(v) for _, v in result[0]["values"]]
+    assert values == sorted(values) and len(set(values)) >= 3, values
 
 
 def test_both_shipped_scrape_jobs_are_up(prometheus_url):

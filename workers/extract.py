@@ -3,15 +3,20 @@
 Everything per neuron is kept as tensors on the model's device and updated for all neurons of a layer at
 once (no Python loop over neurons):
 - top records: the `top_k` windows with the largest window maximum, ties to the lower seq_id;
-- random records: a bottom-k sample over a hash of (seed, layer, neuron, seq_id) - uniform without
-  replacement, independent per neuron, reproducible, and mergeable because a window's priority never depends
-  on what else was seen;
+- random records: `n_random` windows drawn uniformly without replacement from the run's corpus, independently
+  per neuron, by Floyd's algorithm driven by a hash of (seed, layer, neuron, draw). The sample is fixed before
+  the first batch (it needs only the corpus' seq ids), so a batch copies just the windows that are in it and
+  slices of the corpus merge by union. Records are ranked by a second hash of (seed, layer, neuron, seq_id);
 - running mean / variance (Chan's parallel formula, float64), max, count of tokens > 0, token count.
 
-Both record reservoirs rank windows by one int64 key: a 32-bit primary (the window max as an order-preserving
-integer, or the negated hash priority) in the high half and `2**32 - 1 - seq_id` in the low half. Keys are
-unique per neuron, so "keep the k largest keys" is exact, tie-breaking included, and a merge of two
-reservoirs is the reservoir of the union. Empty slots hold distinct keys below every real key.
+Top records are ranked by one int64 key: the window max as an order-preserving integer in the high half and
+`2**32 - 1 - seq_id` in the low half. Keys are unique per neuron, so "keep the k largest keys" is exact,
+tie-breaking included, and a merge of two reservoirs is the reservoir of the union.
+
+Cost, per layer and batch, is what decides the design (the forward of one layer is ~20 ms on the 2-core dev
+CPU): one fused pass over the [B, T, N] activations gives every per-window number at once; the top reservoir
+has spare slots and a per-neuron floor, so a batch costs a compare plus copies of the few windows above the
+floor, and the floor (a top-k over the reservoir) is recomputed only when a neuron's spare slots run out.
 
 No Ray here: `ExtractWorker` (model + collector + checkpoint files in a run store) is what the Ray actor wraps.
 """
@@ -19,7 +24,7 @@ from __future__ import annotations
 
 import io
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -33,7 +38,9 @@ LOW_MASK = 2 ** 32 - 1
 MAX_SEQ_ID = LOW_MASK
 MASK64 = 2 ** 64 - 1
 MIX1, MIX2, GOLDEN = 0xBF58476D1CE4E5B9, 0x94D049BB133111EB, 0x9E3779B97F4A7C15
+DRAW_TAG = 0xD1B54A32D192ED03  # separates the draw stream of Floyd's algorithm from the ranking hash
 PRIORITY_BITS = 31
+PLACEHOLDER_END = INT64_MIN + 2 ** 24  # empty reservoir slots hold distinct keys below this; real keys are above
 
 
 class ExtractError(ValueError):
@@ -69,8 +76,26 @@ def neuron_salt_py(seed: int, layer: int, neuron: int) -> int:
 
 
 def random_priority_py(seed: int, layer: int, neuron: int, seq_id: int) -> int:
-    """The random-record priority of a window for a neuron: smaller is sampled first (the slow reference)."""
+    """The rank key of a random record: smaller comes first (the slow reference)."""
     return mix64_py(neuron_salt_py(seed, layer, neuron) + seq_id * GOLDEN) >> (64 - PRIORITY_BITS)
+
+
+def uniform_below_py(seed: int, layer: int, neuron: int, draw: int, bound: int) -> int:
+    """Draw number `draw` of a neuron's stream, uniform in [0, bound) (bound <= 2**32)."""
+    u = mix64_py((neuron_salt_py(seed, layer, neuron) ^ DRAW_TAG) + draw * GOLDEN) >> (64 - PRIORITY_BITS)
+    return (u * bound) >> PRIORITY_BITS
+
+
+def random_sample_py(seed: int, layer: int, neuron: int, corpus_ids: Sequence[int], k: int) -> list[int]:
+    """The slow reference: Floyd's algorithm picks min(k, W) of the W corpus positions uniformly without
+    replacement; the chosen seq ids are ranked by (priority, seq_id)."""
+    ids = sorted(corpus_ids)
+    w = len(ids)
+    chosen: set[int] = set()
+    for j in range(w - min(k, w), w):
+        t = uniform_below_py(seed, layer, neuron, j, j + 1)
+        chosen.add(j if t in chosen else t)
+    return sorted((ids[p] for p in chosen), key=lambda s: (random_priority_py(seed, layer, neuron, s), s))
 
 
 def neuron_salts(seed: int, layer: int, n_neurons: int, device) -> torch.Tensor:
@@ -84,6 +109,30 @@ def random_priorities(salts: torch.Tensor, seq_ids: torch.Tensor) -> torch.Tenso
     return _shr(mix64(salts[:, None] + seq_ids[None, :] * _signed(GOLDEN)), 64 - PRIORITY_BITS)
 
 
+def random_sample(seed: int, layer: int, n_neurons: int, corpus_ids: torch.Tensor, k: int,
+                  device="cpu") -> torch.Tensor:
+    """[N, min(k, W)] seq ids of every neuron's random records in rank order (= `random_sample_py` per neuron).
+    Floyd's algorithm costs O(N k^2), independent of the corpus size W."""
+    ids = torch.as_tensor(corpus_ids, dtype=torch.int64).sort().values.to(device)
+    w, m = ids.numel(), min(k, ids.numel())
+    salts = neuron_salts(seed, layer, n_neurons, device)
+    draw_salts = salts ^ _signed(DRAW_TAG)
+    chosen = torch.empty(n_neurons, 0, dtype=torch.int64, device=device)
+    for j in range(w - m, w):
+        u = _shr(mix64(draw_salts + _signed(j * GOLDEN & MASK64)), 64 - PRIORITY_BITS)
+        t = (u * (j + 1)) >> PRIORITY_BITS
+        taken = (chosen == t[:, None]).any(1)
+        chosen = torch.cat([chosen, torch.where(taken, torch.full_like(t, j), t)[:, None]], dim=1)
+    seq = ids[chosen]
+    keys = pack_keys(-_rank_priorities(salts, seq), seq)
+    return seq.gather(1, keys.argsort(dim=1, descending=True))
+
+
+def _rank_priorities(salts: torch.Tensor, seq: torch.Tensor) -> torch.Tensor:
+    """[N] salts, [N, m] seq ids -> [N, m] priorities (each neuron's own windows)."""
+    return _shr(mix64(salts[:, None] + seq * _signed(GOLDEN)), 64 - PRIORITY_BITS)
+
+
 def float_order_key(x: torch.Tensor) -> torch.Tensor:
     """float32 -> int64 in the int32 range with the same order (-0.0 counts as +0.0)."""
     bits = (x.float() + 0.0).view(torch.int32).to(torch.int64)
@@ -91,7 +140,7 @@ def float_order_key(x: torch.Tensor) -> torch.Tensor:
 
 
 def pack_keys(primary: torch.Tensor, seq_ids: torch.Tensor) -> torch.Tensor:
-    """[..., B] primaries with [B] seq ids -> keys: larger primary first, then lower seq_id."""
+    """[..., B] primaries with [B] (or same-shape) seq ids -> keys: larger primary first, then lower seq_id."""
     return primary * (2 ** 32) + (LOW_MASK - seq_ids)
 
 
@@ -99,64 +148,161 @@ def seq_ids_of(keys: torch.Tensor) -> torch.Tensor:
     return LOW_MASK - (keys & LOW_MASK)
 
 
-def window_reductions(x: torch.Tensor) -> tuple[torch.Tensor, ...]:
-    """[B, T, N] activations -> per (window, neuron): max, sum, sum of squares (float32) and count > 0."""
+def window_summaries(x: torch.Tensor, seq_ids: torch.Tensor, floor: torch.Tensor):
+    """[B, T, N] activations -> (top keys [N, B], which of them reach the top reservoir's `floor` [N, 1] and
+    how many per neuron, window maxima [B, N] float32, and the batch's moments per neuron: mean, M2 (float64),
+    count of tokens > 0). One read of x when compiled (`compiled_summaries`).
+    Per-window sums are float32 (T terms) and centred per window before they are combined in float64."""
     xf = x.float()
-    return xf.amax(1), xf.sum(1), (xf * xf).sum(1), (xf > 0).sum(1, dtype=torch.int32)
+    t = x.shape[1]
+    wmax = xf.amax(1)
+    s1, s2 = xf.sum(1).double(), (xf * xf).sum(1).double()
+    npos = (xf > 0).sum((0, 1))
+    mean_w = s1 / t
+    m2_w = (s2 - s1 * mean_w).clamp_min(0)
+    mean_b = mean_w.mean(0)
+    m2_b = m2_w.sum(0) + t * (mean_w - mean_b).square().sum(0)
+    keys = pack_keys(float_order_key(wmax.T), seq_ids)
+    enter = keys >= floor
+    return keys, enter, enter.sum(1), wmax, mean_b, m2_b, npos
+
+
+def compiled_summaries():
+    """`window_summaries` fused into one kernel by torch.compile (~5-30 s to compile per batch shape)."""
+    return torch.compile(window_summaries, dynamic=False)
 
 
 # --- reservoirs and stats -------------------------------------------------------------------------------------
-class KeyedReservoir:
-    """Per neuron, the k windows with the largest keys and their per-token activations."""
+def placeholder_keys(n: int, c: int, device) -> torch.Tensor:
+    return (INT64_MIN + torch.arange(c, device=device, dtype=torch.int64)).expand(n, c).clone()
 
-    def __init__(self, n_neurons: int, k: int, seq_len: int, dtype: torch.dtype, device):
+
+class TopReservoir:
+    """Per neuron, the k windows with the largest keys and their per-token activations.
+
+    `capacity` slots per neuron (k plus spares) and a per-neuron `floor`: every key >= floor is live, and the
+    k largest live keys are the k largest keys offered so far. A window enters iff its key >= floor, into a
+    free slot (key < floor) popped from the neuron's stack of free slots. When a neuron has too few free slots,
+    the floor is raised to its k-th largest key (a top-k over the slots), which frees all but k slots; after
+    the first batches that is rare, so a batch costs a compare and copies of the windows above the floor."""
+
+    def __init__(self, n_neurons: int, k: int, seq_len: int, dtype: torch.dtype, device, spare: int | None = None):
         self.k = k
-        self.keys = self.empty_keys(n_neurons, k, device)
-        self.acts = torch.zeros(n_neurons, k, seq_len, dtype=dtype, device=device)
+        self.capacity = k + (max(k, 32) if spare is None else spare) if k else 0
+        self.keys = placeholder_keys(n_neurons, self.capacity, device)
+        self.acts = torch.zeros(n_neurons, self.capacity, seq_len, dtype=dtype, device=device)
+        self.floor = torch.full((n_neurons, 1), INT64_MIN + self.capacity, dtype=torch.int64, device=device)
+        self._rebuild_free()
 
-    @staticmethod
-    def empty_keys(n: int, k: int, device) -> torch.Tensor:
-        return (INT64_MIN + torch.arange(k, device=device, dtype=torch.int64)).expand(n, k).clone()
+    def _rebuild_free(self) -> None:
+        """Free slots first, in each row of `free_slots`; `n_free` of them per neuron."""
+        self.free_slots = self.keys.argsort(dim=1)  # ascending: the keys below the floor come first
+        self.n_free = (self.keys < self.floor).sum(1)
 
-    def offer(self, cand: torch.Tensor, acts: torch.Tensor) -> None:
-        """cand [N, B] keys of this batch's windows; acts [B, T, N] their activations."""
+    def offer(self, cand: torch.Tensor, x: torch.Tensor, enter: torch.Tensor | None = None,
+              n_enter: torch.Tensor | None = None) -> None:
+        """cand [N, B] keys of this batch's windows; x [B, T, N] their activations; `enter` (= cand >= floor)
+        and its row sums when the caller computed them already (fused into `window_summaries`)."""
         if self.k == 0:
             return
-        better = cand > self.keys.min(dim=1, keepdim=True).values
-        if not bool(better.any()):
+        if enter is None:
+            enter = cand >= self.floor
+            n_enter = enter.sum(1)
+        if not bool(n_enter.any()):
             return
-        pool = torch.cat([self.keys, cand], dim=1)
-        kth = pool.topk(self.k, dim=1, sorted=False).values.min(dim=1, keepdim=True).values
-        leaving_n, leaving_slot = (self.keys < kth).nonzero(as_tuple=True)
-        entering_n, entering_b = (cand >= kth).nonzero(as_tuple=True)  # row-major: pairs up with leaving
-        if entering_n.numel() != leaving_n.numel():
-            raise ExtractError("a window was offered twice to the same collector (keys must be unique)")
-        self.keys[leaving_n, leaving_slot] = cand[entering_n, entering_b]
-        self.acts[leaving_n, leaving_slot] = acts[entering_b, :, entering_n].to(self.acts.dtype)
-
-    def merge(self, other: "KeyedReservoir") -> None:
-        if self.k == 0:
-            return
-        keys = torch.cat([self.keys, other.keys.to(self.keys.device)], dim=1)
-        acts = torch.cat([self.acts, other.acts.to(self.acts.device, self.acts.dtype)], dim=1)
-        top, idx = keys.topk(self.k, dim=1)
-        self.acts = acts.gather(1, idx[..., None].expand(-1, -1, acts.shape[2])).contiguous()
-        empty = top < INT64_MIN + self.k  # re-number empty slots so keys stay unique
-        self.keys = torch.where(empty, self.empty_keys(*top.shape, top.device), top)
+        if bool((n_enter > self.n_free).any()):
+            self.floor = torch.cat([self.keys, cand], dim=1).topk(self.k, dim=1).values[:, -1:]
+            self._rebuild_free()
+            enter = cand >= self.floor
+            n_enter = enter.sum(1)
+        enter_n, enter_b = enter.nonzero(as_tuple=True)  # row-major
+        first = n_enter.cumsum(0) - n_enter  # index in enter_n of each neuron's first entering window
+        j = torch.arange(enter_n.numel(), device=enter_n.device) - first[enter_n]
+        slot = self.free_slots[enter_n, self.n_free[enter_n] - 1 - j]
+        self.n_free = self.n_free - n_enter
+        self.keys[enter_n, slot] = cand[enter_n, enter_b]
+        self.acts[enter_n, slot] = x[enter_b, :, enter_n].to(self.acts.dtype)
 
     def sorted(self) -> tuple[torch.Tensor, torch.Tensor, int]:
-        """(keys [N, k], acts [N, k, T]) largest key first, and how many slots are filled."""
-        keys, idx = self.keys.topk(self.k, dim=1) if self.k else (self.keys, self.keys)
+        """(keys [N, k], acts [N, k, T]) largest key first, and how many are real windows."""
+        if self.k == 0:
+            return self.keys[:, :0], self.acts[:, :0], 0
+        keys, idx = self.keys.topk(self.k, dim=1)
         acts = self.acts.gather(1, idx[..., None].expand(-1, -1, self.acts.shape[2]))
-        filled = int((keys[0] >= INT64_MIN + self.k).sum()) if keys.numel() else 0
+        filled = int((keys[0] >= PLACEHOLDER_END).sum()) if keys.numel() else 0
         return keys, acts, filled
 
+    def merge(self, other: "TopReservoir") -> None:
+        if self.k == 0:
+            return
+        dev = self.keys.device
+        (ka, aa, _), (kb, ab, _) = self.sorted(), other.sorted()
+        keys = torch.cat([ka, kb.to(dev)], dim=1)
+        acts = torch.cat([aa, ab.to(dev, self.acts.dtype)], dim=1)
+        top, idx = keys.topk(self.k, dim=1)
+        real = top >= PLACEHOLDER_END
+        self.keys = placeholder_keys(keys.shape[0], self.capacity, dev)
+        self.keys[:, :self.k] = torch.where(real, top, self.keys[:, :self.k])  # keys stay unique
+        self.acts = torch.zeros_like(self.acts)
+        self.acts[:, :self.k] = acts.gather(1, idx[..., None].expand(-1, -1, acts.shape[2]))
+        self.floor = torch.where(real[:, -1:], top[:, -1:], self.floor.new_full((1, 1), INT64_MIN + self.capacity))
+        self._rebuild_free()
+
     def state_dict(self) -> dict:
-        return {"keys": self.keys, "acts": self.acts}
+        return {"keys": self.keys, "acts": self.acts, "floor": self.floor}
 
     def load_state_dict(self, state: dict) -> None:
-        self.keys = state["keys"].to(self.keys.device)
-        self.acts = state["acts"].to(self.acts.device, self.acts.dtype)
+        dev = self.keys.device
+        self.keys, self.floor = state["keys"].to(dev), state["floor"].to(dev)
+        self.acts = state["acts"].to(dev, self.acts.dtype)
+        self._rebuild_free()
+
+
+class RandomRecords:
+    """Per neuron, the per-token activations of its pre-drawn random windows (`random_sample`)."""
+
+    def __init__(self, sample: torch.Tensor, seq_len: int, dtype: torch.dtype, device):
+        self.seq = sample.to(device)  # [N, m] seq ids in rank order
+        n, m = self.seq.shape
+        self.acts = torch.zeros(n, m, seq_len, dtype=dtype, device=device)
+        self.filled = torch.zeros(n, m, dtype=torch.bool, device=device)
+        self._by_seq, self._slot = self.seq.reshape(-1).sort()  # for finding a batch's windows
+
+    def offer(self, seq_ids: torch.Tensor, x: torch.Tensor) -> None:
+        if self.seq.shape[1] == 0:
+            return
+        batch_seq, batch_pos = seq_ids.sort()
+        lo = int(torch.searchsorted(self._by_seq, batch_seq[:1]))
+        hi = int(torch.searchsorted(self._by_seq, batch_seq[-1:], right=True))
+        want, slot = self._by_seq[int(lo):hi], self._slot[int(lo):hi]
+        at = torch.searchsorted(batch_seq, want).clamp_max(len(batch_seq) - 1)
+        hit = batch_seq[at] == want
+        slot, b = slot[hit], batch_pos[at[hit]]
+        self.fill(slot // self.seq.shape[1], slot % self.seq.shape[1], b, x)
+
+    def fill(self, n: torch.Tensor, r: torch.Tensor, b: torch.Tensor, x: torch.Tensor) -> None:
+        """Record x[b, :, n] as random record r of neuron n (for each triple)."""
+        self.acts[n, r] = x[b, :, n].to(self.acts.dtype)
+        self.filled[n, r] = True
+
+    def merge(self, other: "RandomRecords") -> None:
+        dev = self.seq.device
+        if not torch.equal(self.seq, other.seq.to(dev)):
+            raise ExtractError("cannot merge random records drawn for different corpora or seeds")
+        of = other.filled.to(dev)
+        if bool((self.filled & of).any()):
+            raise ExtractError("a window's random record was recorded twice (overlapping corpus slices)")
+        self.acts = torch.where(of[..., None], other.acts.to(dev, self.acts.dtype), self.acts)
+        self.filled |= of
+
+    def state_dict(self) -> dict:
+        return {"seq": self.seq, "acts": self.acts, "filled": self.filled}
+
+    def load_state_dict(self, state: dict) -> None:
+        dev = self.seq.device
+        if not torch.equal(self.seq, state["seq"].to(dev)):
+            raise ExtractError("checkpoint's random sample differs from this run's (other corpus or seed)")
+        self.acts, self.filled = state["acts"].to(dev, self.acts.dtype), state["filled"].to(dev)
 
 
 class RunningStats:
@@ -169,17 +315,11 @@ class RunningStats:
         self.max = torch.full((n_neurons,), float("-inf"), dtype=torch.float32, device=device)
         self.n_pos = torch.zeros(n_neurons, dtype=torch.int64, device=device)
 
-    def update(self, wmax, s1, s2, npos, seq_len: int) -> None:
-        """Per-window reductions [B, N] of one batch; windows are combined exactly in float64."""
-        s1, s2 = s1.double(), s2.double()
-        mean_w = s1 / seq_len
-        m2_w = (s2 - s1 * mean_w).clamp_min(0)
-        n_b = s1.shape[0] * seq_len
-        mean_b = s1.sum(0) / n_b
-        m2_b = m2_w.sum(0) + seq_len * (mean_w - mean_b).square().sum(0)
-        self._combine(n_b, mean_b, m2_b)
-        self.max = torch.maximum(self.max, wmax.amax(0))
-        self.n_pos += npos.sum(0, dtype=torch.int64)
+    def update(self, n_tokens: int, mean_b, m2_b, npos, bmax) -> None:
+        """One batch's moments (from `window_summaries`)."""
+        self._combine(n_tokens, mean_b, m2_b)
+        self.max = torch.maximum(self.max, bmax)
+        self.n_pos += npos
 
     def _combine(self, n_b: int, mean_b: torch.Tensor, m2_b: torch.Tensor) -> None:
         n_a, n = self.n, self.n + n_b
@@ -214,24 +354,39 @@ class RunningStats:
 class LayerCollector:
     """All streaming summaries of one layer's neurons."""
 
-    def __init__(self, layer: int, n_neurons: int, seq_len: int, top_k: int, n_random: int, seed: int,
-                 dtype: torch.dtype, device):
-        self.layer, self.n_neurons, self.seq_len = layer, n_neurons, seq_len
-        self.top = KeyedReservoir(n_neurons, top_k, seq_len, dtype, device)
-        self.random = KeyedReservoir(n_neurons, n_random, seq_len, dtype, device)
-        self.stats = RunningStats(n_neurons, device)
-        self.salts = neuron_salts(seed, layer, n_neurons, device)
+    def __init__(self, layer: int, spec: "CollectorSpec", dtype: torch.dtype, device):
+        self.layer, self.n_neurons, self.seq_len = layer, spec.n_neurons, spec.seq_len
+        self.top = TopReservoir(spec.n_neurons, spec.top_k, spec.seq_len, dtype, device)
+        sample = random_sample(spec.seed, layer, spec.n_neurons, spec.corpus_tensor(), spec.n_random, device)
+        self.random = RandomRecords(sample, spec.seq_len, dtype, device)
+        self.stats = RunningStats(spec.n_neurons, device)
+        self.keep_maxima = spec.keep_maxima
+        self.maxima: list[tuple[torch.Tensor, torch.Tensor]] = []  # (seq ids, window maxima [B, N]) since taken
 
-    def update(self, x: torch.Tensor, seq_ids: torch.Tensor, reduce=window_reductions) -> None:
-        """x [B, T, N]: this layer's neuron activations on a batch of windows with the given seq ids."""
+    def update(self, x: torch.Tensor, seq_ids: torch.Tensor, summarize=window_summaries, random_hits=None) -> None:
+        """x [B, T, N]: this layer's neuron activations on a batch of windows with the given seq ids.
+        `random_hits`: (neuron, rank, batch index) of this layer's random records in the batch, when the caller
+        looked them up for all layers at once."""
         if x.shape[1:] != (self.seq_len, self.n_neurons):
             raise ExtractError(f"layer {self.layer}: activations of shape {tuple(x.shape)}, expected "
                                f"[batch, {self.seq_len}, {self.n_neurons}]")
-        wmax, s1, s2, npos = reduce(x)
-        self.stats.update(wmax, s1, s2, npos, self.seq_len)
-        self.top.offer(pack_keys(float_order_key(wmax.T), seq_ids), x)
-        if self.random.k:
-            self.random.offer(pack_keys(-random_priorities(self.salts, seq_ids), seq_ids), x)
+        keys, enter, n_enter, wmax, mean_b, m2_b, npos = summarize(x, seq_ids, self.top.floor)
+        self.stats.update(x.shape[0] * x.shape[1], mean_b, m2_b, npos, wmax.amax(0))
+        self.top.offer(keys, x, enter, n_enter)
+        if random_hits is None:
+            self.random.offer(seq_ids, x)
+        elif random_hits[0].numel():
+            self.random.fill(*random_hits, x)
+        if self.keep_maxima:
+            self.maxima.append((seq_ids.cpu(), wmax.to(x.dtype).cpu()))
+
+    def take_maxima(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(seq ids [W], window maxima [W, N]) of the windows seen since the last call."""
+        if not self.maxima:
+            return torch.zeros(0, dtype=torch.int64), torch.zeros(0, self.n_neurons)
+        seq, wmax = (torch.cat(t) for t in zip(*self.maxima))
+        self.maxima = []
+        return seq, wmax
 
     def merge(self, other: "LayerCollector") -> None:
         self.top.merge(other.top)
@@ -247,37 +402,45 @@ class LayerCollector:
         self.stats.load_state_dict(s["stats"])
 
     # --- output tables ---------------------------------------------------------------------------------------
-    def records_table(self) -> pa.Table:
-        """Rows sorted by neuron, then kind (top before random), then rank."""
-        parts = [self._reservoir_rows("top", self.top), self._reservoir_rows("random", self.random)]
-        parts = [p for p in parts if p is not None]
+    def records_table(self, extra: dict | None = None) -> pa.Table:
+        """Rows sorted by neuron, then kind (top, random, quantile), then rank. `extra`: quantile rows as
+        {"neuron", "rank", "seq_id", "acts"} arrays (from `quantile_rows`)."""
+        parts = [(kind, p) for kind, p in (("top", self._top_rows()), ("random", self._random_rows()),
+                                            ("quantile", extra)) if p is not None and len(p["neuron"])]
         if not parts:
             return RECORDS.empty_table()
-        neuron = np.concatenate([p["neuron"] for p in parts])
+        neuron = np.concatenate([p["neuron"] for _, p in parts])
         order = np.argsort(neuron, kind="stable")  # each part is neuron-major already; stable keeps kind, rank
-        acts = np.concatenate([p["acts"] for p in parts])[order]
+        acts = np.concatenate([p["acts"] for _, p in parts])[order]
         n_rows, t = acts.shape
         values = pa.array(acts.reshape(-1), type=pa.float32())
         offsets = pa.array(np.arange(0, n_rows * t + 1, t, dtype=np.int32))
+        kinds = np.concatenate([np.full(len(p["neuron"]), kind, dtype=object) for kind, p in parts])
         return pa.Table.from_arrays([
             pa.array(np.full(n_rows, self.layer, dtype=np.int16)),
             pa.array(neuron[order].astype(np.int32)),
-            pa.array(np.concatenate([p["kind"] for p in parts])[order].tolist(), type=pa.string()),
-            pa.array(np.concatenate([p["rank"] for p in parts])[order].astype(np.int16)),
-            pa.array(np.concatenate([p["seq_id"] for p in parts])[order].astype(np.int64)),
+            pa.array(kinds[order].tolist(), type=pa.string()),
+            pa.array(np.concatenate([p["rank"] for _, p in parts])[order].astype(np.int16)),
+            pa.array(np.concatenate([p["seq_id"] for _, p in parts])[order].astype(np.int64)),
             pa.ListArray.from_arrays(offsets, values),
             pa.array(acts.max(axis=1).astype(np.float32)),
         ], schema=RECORDS)
 
-    def _reservoir_rows(self, kind: str, res: KeyedReservoir) -> dict | None:
-        keys, acts, filled = res.sorted()
+    def _top_rows(self) -> dict | None:
+        keys, acts, filled = self.top.sorted()
         if filled == 0:
             return None
         keys, acts = keys[:, :filled].cpu(), acts[:, :filled].float().cpu().numpy()
-        n = keys.shape[0]
-        return {"neuron": np.repeat(np.arange(n), filled), "kind": np.full(n * filled, kind, dtype=object),
-                "rank": np.tile(np.arange(filled), n), "seq_id": seq_ids_of(keys).numpy().reshape(-1),
-                "acts": acts.reshape(n * filled, -1)}
+        return _rows(seq_ids_of(keys).numpy(), acts)
+
+    def _random_rows(self) -> dict | None:
+        if self.random.seq.shape[1] == 0:
+            return None
+        if not bool(self.random.filled.all()):
+            missing = int((~self.random.filled).sum())
+            raise ExtractError(f"layer {self.layer}: {missing} random records were never seen (the collector "
+                               f"did not cover its whole corpus)")
+        return _rows(self.random.seq.cpu().numpy(), self.random.acts.float().cpu().numpy())
 
     def stats_table(self) -> pa.Table:
         s = self.stats
@@ -291,31 +454,79 @@ class LayerCollector:
         ], schema=NEURON_STATS)
 
 
+def _rows(seq: np.ndarray, acts: np.ndarray) -> dict:
+    """[N, m] seq ids and [N, m, T] activations -> neuron-major row arrays with rank 0..m-1."""
+    n, m = seq.shape
+    return {"neuron": np.repeat(np.arange(n), m), "rank": np.tile(np.arange(m), n),
+            "seq_id": seq.reshape(-1), "acts": acts.reshape(n * m, -1)}
+
+
 @dataclass
 class CollectorSpec:
-    """What to collect; the same spec on every actor makes their collectors mergeable."""
+    """What to collect; the same spec on every actor makes their collectors mergeable.
+
+    `corpus`: the seq ids of every window of the run (all actors together); random records are drawn from
+    it before the first batch. `keep_maxima`: also keep every window's maxima (for quantile records)."""
     layers: list[int]
     n_neurons: int
     seq_len: int
     top_k: int
     n_random: int
     seed: int
+    corpus: Sequence[int] = ()
+    keep_maxima: bool = False
+
+    def corpus_tensor(self) -> torch.Tensor:
+        c = self.corpus
+        if isinstance(c, range) and c.step == 1:
+            return torch.arange(c.start, c.stop, dtype=torch.int64)
+        return torch.as_tensor(list(c) if not isinstance(c, torch.Tensor) else c, dtype=torch.int64)
 
 
 class ActivationCollector:
     """Summaries of every requested layer, plus which corpus chunks they cover."""
 
     def __init__(self, spec: CollectorSpec, *, dtype: torch.dtype = torch.float32, device="cpu",
-                 reduce=window_reductions):
+                 summarize=window_summaries):
+        if spec.n_random and len(spec.corpus) == 0:
+            raise ExtractError("random records need the corpus' seq ids (CollectorSpec.corpus)")
         self.spec = spec
-        self.reduce = reduce
-        self.layers = {layer: LayerCollector(layer, spec.n_neurons, spec.seq_len, spec.top_k, spec.n_random,
-                                             spec.seed, dtype, device) for layer in spec.layers}
+        self.summarize = summarize
+        self.layers = {layer: LayerCollector(layer, spec, dtype, device) for layer in spec.layers}
         self.done_chunks: set[int] = set()
         self.n_windows = 0
+        self._hits_for: torch.Tensor | None = None
+        self._hits: dict[int, tuple] = {}
+        self._index: tuple | None = None
 
     def update(self, layer: int, x: torch.Tensor, seq_ids: torch.Tensor) -> None:
-        self.layers[layer].update(x, seq_ids, self.reduce)
+        if seq_ids is not self._hits_for:
+            self._hits, self._hits_for = self._random_hits(seq_ids), seq_ids
+        self.layers[layer].update(x, seq_ids, self.summarize, self._hits.get(layer))
+
+    def _random_hits(self, seq_ids: torch.Tensor) -> dict[int, tuple]:
+        """Every layer's random records that fall in this batch, found with one lookup for all layers."""
+        if self.spec.n_random == 0 or not self.layers:
+            return {}
+        if self._index is None:
+            samples = [c.random.seq.reshape(-1) for c in self.layers.values()]
+            by_seq, slot = torch.cat(samples).sort()
+            self._index = (by_seq, slot, samples[0].numel())
+        by_seq, slot, per_layer = self._index
+        batch_seq, batch_pos = seq_ids.to(by_seq.device).sort()
+        lo = int(torch.searchsorted(by_seq, batch_seq[:1]))
+        hi = int(torch.searchsorted(by_seq, batch_seq[-1:], right=True))
+        want, where = by_seq[lo:hi], slot[lo:hi]
+        at = torch.searchsorted(batch_seq, want).clamp_max(len(batch_seq) - 1)
+        hit = batch_seq[at] == want
+        where, b = where[hit], batch_pos[at[hit]]
+        layer_i, flat = where // per_layer, where % per_layer
+        m = self.spec_random_count()
+        return {layer: (flat[layer_i == i] // m, flat[layer_i == i] % m, b[layer_i == i])
+                for i, layer in enumerate(self.layers)}
+
+    def spec_random_count(self) -> int:
+        return next(iter(self.layers.values())).random.seq.shape[1]
 
     def merge(self, other: "ActivationCollector") -> None:
         overlap = self.done_chunks & other.done_chunks
@@ -388,9 +599,10 @@ class ActivationExtractor:
             self.run_batch(token_ids[i:i + batch_size], seq_ids[i:i + batch_size])
 
 
-def compiled_reductions():
-    """`window_reductions` fused into one kernel by torch.compile (one read of the activations)."""
-    return torch.compile(window_reductions, dynamic=False)
+def wants_compile(spec: CollectorSpec, device) -> bool:
+    """Fuse the per-window reductions with torch.compile where it pays: a GPU, or a real-sized model on a CPU
+    (the compile takes seconds; the tiny test models run eagerly)."""
+    return torch.device(device).type == "cuda" or spec.n_neurons * len(spec.layers) >= 8192
 
 
 # --- a worker that owns a model, processes chunks and checkpoints (wrapped by the Ray actor) -----------------
@@ -485,7 +697,7 @@ class ExtractWorker:
     batch_size: int = 32
     dtype: str = "auto"
     device: str = "auto"
-    compile: bool = False
+    compile: bool | None = None  # None: `wants_compile`
     loaded: object = field(default=None, repr=False)
 
     def __post_init__(self):
@@ -494,8 +706,9 @@ class ExtractWorker:
         if self.loaded is None:
             self.loaded = load_subject(self.model_name, dtype=self.dtype, device=self.device)
         param = next(self.loaded.model.parameters())
-        reduce = compiled_reductions() if self.compile else window_reductions
-        self.collector = ActivationCollector(self.spec, dtype=param.dtype, device=param.device, reduce=reduce)
+        fuse = wants_compile(self.spec, param.device) if self.compile is None else self.compile
+        summarize = compiled_summaries() if fuse else window_summaries
+        self.collector = ActivationCollector(self.spec, dtype=param.dtype, device=param.device, summarize=summarize)
         load_collector(self.store, self.slot, self.collector)
         self.extractor = ActivationExtractor(self.loaded, self.collector)
 
