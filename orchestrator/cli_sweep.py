@@ -7,6 +7,7 @@ from typing import Annotated, Optional
 
 import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.markup import escape
 from rich.table import Table
 
 from orchestrator.cli import (AddressOpt, CLIError, ConfigOpt, CorpusOpt, LayersOpt, ModelOpt, NeuronsOpt, OutOpt,
@@ -167,7 +168,7 @@ def show(run: Annotated[str, typer.Argument(help="run directory or URI")], layer
               + (f" ({led['error']})" if led and led.get("error") else ""))
     for e in d["explanations"]:
         mark = "*" if e.get("selected") else " "
-        out.print(f" {mark} explanation [{e['candidate']}]: {e['explanation']}")
+        out.print(escape(f" {mark} explanation [{e['candidate']}]: {e['explanation']}"))
     for s in d["scores"]:
         out.print(score_line(s))
     for r in d["records"][:n_records]:
@@ -205,7 +206,7 @@ def explain(layer: Annotated[int, typer.Option("--layer", help="layer of the neu
         raise CLIError(f"layer {layer} neuron {neuron} failed: {result.error}")
     out.print(f"[bold]layer {layer} neuron {neuron}[/] ({time.monotonic() - started:.1f}s)")
     for row in result.explanation_rows:
-        out.print(f" {'*' if row['selected'] else ' '} {row['explanation']}")
+        out.print(escape(f" {'*' if row['selected'] else ' '} {row['explanation']}"))
     for s in result.score_rows:
         out.print(score_line(s))
 
@@ -214,4 +215,4 @@ def score_line(s: dict) -> str:
     val = "null" if s["score"] is None else f"{s['score']:.3f}"
     extra = "".join(f" {k}={s[k]:.3f}" for k in ("score_top", "score_random", "r2", "absdev") if s.get(k) is not None)
     reason = f"  ({s['null_reason']})" if s.get("null_reason") else ""
-    return f"   {s['scorer']:<12} {val}{extra}{reason}  [{s.get('simulator_mode') or ''}]"
+    return escape(f"   {s['scorer']:<12} {val}{extra}{reason}  [{s.get('simulator_mode') or ''}]")

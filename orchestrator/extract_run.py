@@ -24,8 +24,9 @@ import pyarrow.dataset as ds
 from orchestrator.store import RunStore
 from schemas.config import SweepConfig
 from workers.corpus import TokenDecoder, iter_windows, sequences_table
-from workers.extract import (CollectorSpec, ExtractError, ExtractWorker, LayerCollector, checkpoint_dir,
-                             read_bytes, read_head, sequences_part, tensor_load)
+from workers.extract import (QUANTILE_PICKS, CollectorSpec, ExtractError, ExtractWorker, LayerCollector,
+                             checkpoint_dir, load_layer_maxima, quantile_chunk_dir, quantile_picks, read_bytes,
+                             read_head, sequences_part, tensor_bytes, tensor_load)
 
 EXTRACT_MARKER = "_extract/complete.json"
 PLAN_FILE = "_extract/plan.json"
@@ -34,7 +35,8 @@ DEFAULT_CHUNK_WINDOWS = 512
 NEURONS_PER_FILE = 256
 # settings that must match for a run directory's partial extraction to be continued
 PLAN_KEYS = ("model", "layers", "n_neurons", "seq_len", "top_k", "n_random", "seed", "corpus", "max_windows",
-             "chunk_windows")
+             "chunk_windows", "quantiles", "n_per_quantile")
+PLAN_DEFAULTS = {"quantiles": False, "n_per_quantile": 2}  # plans written before quantile records existed
 
 
 @dataclass
@@ -65,11 +67,12 @@ class ExtractSummary:
 
 def run_extraction(cfg: SweepConfig, store: RunStore, *, n_actors: int | None = None, progress=None,
                    metrics=None, chunk_windows: int | None = None, use_ray: bool = True,
-                   compile: bool = False) -> ExtractSummary:
+                   compile: bool | None = None) -> ExtractSummary:
     """Run (or continue, or skip when complete) the extraction stage of `cfg` into `store`.
 
     `progress`: a callable taking `ExtractProgress`, or a rich `Progress` (a task is added to it).
-    `use_ray=False` runs one worker in this process (no cluster; tests, small runs)."""
+    `use_ray=False` runs one worker in this process (no cluster; tests, small runs). `compile`: fuse the
+    per-window reductions with torch.compile (None: for GPUs and real-sized models, see `wants_compile`)."""
     from workers.models import model_info
 
     if store.exists(EXTRACT_MARKER):
@@ -79,30 +82,40 @@ def run_extraction(cfg: SweepConfig, store: RunStore, *, n_actors: int | None = 
     t0 = time.monotonic()
     info = model_info(cfg.model.name)
     cfg.check_against_model(info.n_layers, info.n_neurons, info.max_positions)
-    if cfg.records.quantiles:
-        raise ExtractError("records.quantiles: quantile records are not produced by this version's extraction; "
-                           "set records.quantiles=false")
     layers = cfg.layer_list(info.n_layers)
-    spec = CollectorSpec(layers, info.n_neurons, cfg.corpus.seq_len, cfg.records.top_k, cfg.records.n_random,
-                         cfg.seed)
     plan = checked_plan(cfg, store, info, layers, chunk_windows or DEFAULT_CHUNK_WINDOWS)
     manifest = write_sequences(cfg, store, plan["chunk_windows"])
     n_chunks, n_windows = manifest["n_chunks"], manifest["n_windows"]
+    quantiles = cfg.records.quantiles
+    spec = CollectorSpec(layers, info.n_neurons, cfg.corpus.seq_len, cfg.records.top_k, cfg.records.n_random,
+                         cfg.seed, corpus=range(n_windows),  # write_sequences numbers the windows 0..n-1
+                         keep_maxima=quantiles)
     heads = slot_heads(store)
     done = {c for h in heads.values() for c in h["done_chunks"]}
     todo = [c for c in range(n_chunks) if c not in done]
     tracker = ProgressTracker(progress, metrics, n_windows, n_chunks, manifest["chunk_windows"],
                               cfg.corpus.seq_len, done)
-    if todo:
-        runner = _run_on_ray if use_ray else _run_local
-        runner(cfg, store, spec, todo, tracker, n_actors=n_actors, compile=compile)
-    tracker.close()
+    pool = (RayPool if use_ray else LocalPool)(cfg, store, spec, n_actors=n_actors, compile=compile)
+    try:
+        if todo:
+            pool.map("process", todo, lambda r, slot: tracker.chunk_done(r.windows, r.tokens, slot, r.seconds))
+        tracker.close()
+        if quantiles:
+            check_coverage(slot_heads(store), n_chunks)
+            picks = planned_quantile_picks(store, spec, n_chunks, cfg.records.n_per_quantile)
+            qtodo = [c for c in quantile_chunks(picks, manifest["chunk_windows"])
+                     if not store.exists(f"{quantile_chunk_dir(c)}/done.json")]
+            if qtodo:
+                pool.map("process_quantiles", qtodo, lambda r, slot: None)
+    finally:
+        pool.close()
     write_outputs(store, spec, slot_heads(store), n_chunks)
     marker = {"model": {"name": info.name, "architecture": info.architecture, "n_layers": info.n_layers,
                         "n_neurons": info.n_neurons},
               "layers": layers, "n_neurons": info.n_neurons, "n_windows": n_windows, "n_chunks": n_chunks,
               "seq_len": cfg.corpus.seq_len, "top_k": cfg.records.top_k, "n_random": cfg.records.n_random,
               "seed": cfg.seed, "corpus": cfg.corpus.source, "neurons_per_file": NEURONS_PER_FILE,
+              "quantiles": quantiles, "n_per_quantile": cfg.records.n_per_quantile if quantiles else 0,
               "completed_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
     store.write_json(EXTRACT_MARKER, marker)
     seconds = time.monotonic() - t0
@@ -114,9 +127,12 @@ def run_extraction(cfg: SweepConfig, store: RunStore, *, n_actors: int | None = 
 def checked_plan(cfg: SweepConfig, store: RunStore, info, layers: list[int], chunk_windows: int) -> dict:
     plan = {"model": info.name, "layers": layers, "n_neurons": info.n_neurons, "seq_len": cfg.corpus.seq_len,
             "top_k": cfg.records.top_k, "n_random": cfg.records.n_random, "seed": cfg.seed,
-            "corpus": cfg.corpus.source, "max_windows": cfg.corpus.max_windows, "chunk_windows": chunk_windows}
+            "corpus": cfg.corpus.source, "max_windows": cfg.corpus.max_windows, "chunk_windows": chunk_windows,
+            "quantiles": cfg.records.quantiles, "n_per_quantile": cfg.records.n_per_quantile}
     if store.exists(PLAN_FILE):
-        old = store.read_json(PLAN_FILE)
+        old = {**PLAN_DEFAULTS, **store.read_json(PLAN_FILE)}
+        if not plan["quantiles"]:  # n_per_quantile is unused then
+            old["n_per_quantile"] = plan["n_per_quantile"] = PLAN_DEFAULTS["n_per_quantile"]
         diff = [k for k in PLAN_KEYS if k != "chunk_windows" and old.get(k) != plan[k]]
         if diff:
             raise ExtractError(
@@ -228,61 +244,121 @@ def _first_free_slot(store: RunStore) -> int:
     return min(heads) if heads else 0
 
 
-def _run_local(cfg, store, spec, todo, tracker, *, n_actors=None, compile=False) -> None:
-    worker = ExtractWorker(cfg.model.name, spec, store, _first_free_slot(store), batch_size=cfg.model.batch_size,
-                           dtype=cfg.model.dtype, device=cfg.model.device, compile=compile)
-    try:
-        for chunk in todo:
-            r = worker.process(chunk)
-            tracker.chunk_done(r.windows, r.tokens, worker.slot, r.seconds)
-    finally:
-        worker.extractor.close()
+class LocalPool:
+    """One in-process worker (created on first use) that runs chunk tasks: `map("process", chunks, on_result)`."""
+
+    def __init__(self, cfg, store, spec, *, n_actors=None, compile=None):
+        self.cfg, self.store, self.spec, self.compile = cfg, store, spec, compile
+        self.worker: ExtractWorker | None = None
+
+    def map(self, method: str, chunks: list[int], on_result: Callable) -> None:
+        if self.worker is None:
+            cfg = self.cfg
+            self.worker = ExtractWorker(cfg.model.name, self.spec, self.store, _first_free_slot(self.store),
+                                        batch_size=cfg.model.batch_size, dtype=cfg.model.dtype,
+                                        device=cfg.model.device, compile=self.compile)
+        for chunk in chunks:
+            on_result(getattr(self.worker, method)(chunk), self.worker.slot)
+
+    def close(self) -> None:
+        if self.worker is not None:
+            self.worker.extractor.close()
 
 
-def _run_on_ray(cfg, store, spec, todo, tracker, *, n_actors=None, compile=False) -> None:
-    import ray
+class RayPool:
+    """Extraction actors (started on first use, kept for every later stage), one checkpoint slot each; chunks
+    go to whichever actor is free."""
 
-    from workers.extract_actor import ExtractActor, actor_options
+    def __init__(self, cfg, store, spec, *, n_actors=None, compile=None):
+        self.cfg, self.store, self.spec, self.n_actors, self.compile = cfg, store, spec, n_actors, compile
+        self.actors: list | None = None
+        self.started_ray = False
 
-    started = False
-    if not ray.is_initialized():
-        kw = dict(address=cfg.ray_address) if cfg.ray_address else dict(include_dashboard=False)
-        ray.init(log_to_driver=False, **kw)
-        started = True
-    try:
+    def _start(self, n_tasks: int) -> None:
+        import ray
+
+        from workers.extract_actor import ExtractActor, actor_options
+
+        cfg = self.cfg
+        if not ray.is_initialized():
+            kw = dict(address=cfg.ray_address) if cfg.ray_address else dict(include_dashboard=False)
+            ray.init(log_to_driver=False, **kw)
+            self.started_ray = True
         gpus = ray.cluster_resources().get("GPU", 0)
-        n = max(1, min(n_actors or (int(gpus) or 1), len(todo)))
-        actors = [ExtractActor.options(**actor_options(gpus)).remote(
-            cfg.model.name, spec, store, slot, cfg.model.batch_size, cfg.model.dtype, cfg.model.device, compile)
-            for slot in range(n)]
-        queue = list(todo)
+        n = max(1, min(self.n_actors or (int(gpus) or 1), n_tasks))
+        self.actors = [ExtractActor.options(**actor_options(gpus)).remote(
+            cfg.model.name, self.spec, self.store, slot, cfg.model.batch_size, cfg.model.dtype, cfg.model.device,
+            self.compile) for slot in range(n)]
+
+    def map(self, method: str, chunks: list[int], on_result: Callable) -> None:
+        import ray
+
+        if self.actors is None:
+            self._start(len(chunks))
+        queue = list(chunks)
         inflight = {}
-        for slot, actor in enumerate(actors):
+        for slot, actor in enumerate(self.actors):
             if queue:
-                inflight[actor.process.remote(queue.pop(0))] = slot
+                inflight[getattr(actor, method).remote(queue.pop(0))] = slot
         while inflight:
             ready, _ = ray.wait(list(inflight), num_returns=1)
             slot = inflight.pop(ready[0])
-            r = ray.get(ready[0])
-            tracker.chunk_done(r.windows, r.tokens, slot, r.seconds)
+            on_result(ray.get(ready[0]), slot)
             if queue:
-                inflight[actors[slot].process.remote(queue.pop(0))] = slot
-        for a in actors:
+                inflight[getattr(self.actors[slot], method).remote(queue.pop(0))] = slot
+
+    def close(self) -> None:
+        import ray
+
+        for a in self.actors or []:
             ray.kill(a, no_restart=True)
-    finally:
-        if started:
+        if self.started_ray:
             ray.shutdown()
+
+
+# --- quantile records ------------------------------------------------------------------------------------------
+def planned_quantile_picks(store: RunStore, spec: CollectorSpec, n_chunks: int, n_per_quantile: int) -> dict:
+    """Every layer's quantile picks [N, bins * n_per_quantile] from the window maxima of all chunks, computed
+    once and saved (`QUANTILE_PICKS`), so the quantile pass and a resumed run see the same picks."""
+    if store.exists(QUANTILE_PICKS):
+        return tensor_load(read_bytes(store, QUANTILE_PICKS))["picks"]
+    picks = {}
+    for layer in spec.layers:
+        seq, maxima = load_layer_maxima(store, layer, range(n_chunks))
+        picks[layer] = quantile_picks(spec.seed, layer, seq, maxima, n_per_quantile)
+    store.write_bytes(QUANTILE_PICKS, tensor_bytes({"picks": picks, "n_per_quantile": n_per_quantile}))
+    return picks
+
+
+def quantile_chunks(picks: dict, chunk_windows: int) -> list[int]:
+    """The chunks holding at least one picked window (window seq_id s lies in chunk s // chunk_windows)."""
+    import torch
+
+    seq = torch.cat([p.reshape(-1) for p in picks.values()])
+    return sorted(set((seq[seq >= 0] // chunk_windows).tolist()))
+
+
+def quantile_rows(store: RunStore, layer: int, chunks: list[int], picks) -> dict:
+    """One layer's quantile rows from the quantile pass's chunk files, sorted by neuron then rank."""
+    import numpy as np
+    import torch
+
+    parts = [tensor_load(read_bytes(store, f"{quantile_chunk_dir(c)}/layer-{layer:03d}.pt")) for c in chunks]
+    cols = {k: torch.cat([p[k] for p in parts]).numpy() for k in ("neuron", "rank", "seq_id", "acts")}
+    if len(cols["neuron"]) != int((picks >= 0).sum()):
+        raise ExtractError(f"layer {layer}: the quantile pass found {len(cols['neuron'])} of "
+                           f"{int((picks >= 0).sum())} picked windows")
+    order = np.lexsort((cols["rank"], cols["neuron"]))
+    return {k: v[order] for k, v in cols.items()}
 
 
 # --- merging and writing ------------------------------------------------------------------------------------
 def merged_layer(store: RunStore, spec: CollectorSpec, heads: dict[int, dict], layer: int) -> LayerCollector:
     import torch
 
-    merged = LayerCollector(layer, spec.n_neurons, spec.seq_len, spec.top_k, spec.n_random, spec.seed,
-                            torch.float32, "cpu")
+    merged = LayerCollector(layer, spec, torch.float32, "cpu")
     for slot, head in sorted(heads.items()):
-        part = LayerCollector(layer, spec.n_neurons, spec.seq_len, spec.top_k, spec.n_random, spec.seed,
-                              torch.float32, "cpu")
+        part = LayerCollector(layer, spec, torch.float32, "cpu")
         part.load_state_dict(tensor_load(read_bytes(store, f"{checkpoint_dir(slot)}/gen-{head['gen']}/"
                                                            f"layer-{layer}.pt")))
         merged.merge(part)
@@ -293,14 +369,23 @@ def records_file(start: int, end: int) -> str:
     return f"n{start:06d}-{end:06d}"
 
 
-def write_outputs(store: RunStore, spec: CollectorSpec, heads: dict[int, dict], n_chunks: int) -> None:
+def check_coverage(heads: dict[int, dict], n_chunks: int) -> None:
     covered = sorted(c for h in heads.values() for c in h["done_chunks"])
     if covered != list(range(n_chunks)):
         raise ExtractError(f"extraction checkpoints cover {len(set(covered))} of {n_chunks} chunks "
                            f"(or some twice); rerun to finish")
+
+
+def write_outputs(store: RunStore, spec: CollectorSpec, heads: dict[int, dict], n_chunks: int) -> None:
+    check_coverage(heads, n_chunks)
+    picks = tensor_load(read_bytes(store, QUANTILE_PICKS))["picks"] if spec.keep_maxima else None
+    if picks is not None:
+        chunk_windows = store.read_json(SEQUENCES_MANIFEST)["chunk_windows"]
+        q_chunks = quantile_chunks(picks, chunk_windows)
     for layer in spec.layers:
         c = merged_layer(store, spec, heads, layer)
-        records = c.records_table()
+        extra = quantile_rows(store, layer, q_chunks, picks[layer]) if picks is not None else None
+        records = c.records_table(extra)
         for start in range(0, spec.n_neurons, NEURONS_PER_FILE):
             end = min(start + NEURONS_PER_FILE, spec.n_neurons)
             part = records.filter(pc.and_(pc.greater_equal(records["neuron"], start),
@@ -312,7 +397,7 @@ def write_outputs(store: RunStore, spec: CollectorSpec, heads: dict[int, dict], 
 def read_records(store: RunStore, layer: int, neuron_start: int, neuron_end: int,
                  columns: list[str] | None = None) -> pa.Table:
     """Records of neurons [neuron_start, neuron_end) of one layer, opening only the files that hold them.
-    Rows come sorted by neuron, kind (top, random) and rank; the `layer` column is not included."""
+    Rows come sorted by neuron, kind (top, random, quantile) and rank; the `layer` column is not included."""
     paths = []
     for path in store.list_files(f"records/layer={layer}"):
         name = path.rsplit("/", 1)[-1]

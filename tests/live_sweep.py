@@ -3,13 +3,17 @@ extraction, the method through the OpenAI-compatible test server. Shared (sessio
 real-Prometheus tests, so they check what a running sweep actually exports."""
 from __future__ import annotations
 
+import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
 import time
+import urllib.parse
 import urllib.request
 from dataclasses import dataclass
+from pathlib import Path
 
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
@@ -24,11 +28,52 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+SHIPPED_PROMETHEUS_CONFIG = Path(__file__).resolve().parents[1] / "cluster" / "prometheus.yml"
+
+
+def scrape_config_for(target_url: str, workdir: Path) -> dict:
+    """cluster/prometheus.yml pointed at one target: the driver job's static target, and Ray's file_sd file
+    (written here in Ray's own format) listing it too; scraped every second so the test is quick."""
+    config = yaml.safe_load(SHIPPED_PROMETHEUS_CONFIG.read_text())
+    url = urllib.parse.urlsplit(target_url)
+    config["global"]["scrape_interval"] = config["global"]["evaluation_interval"] = "1s"
+    jobs = {job["job_name"]: job for job in config["scrape_configs"]}
+    assert set(jobs) == {"neuronsweep-driver", "ray"}
+    jobs["neuronsweep-driver"]["static_configs"] = [{"targets": [url.netloc]}]
+    sd_file = workdir / "prom_metrics_service_discovery.json"
+    sd_file.write_text(json.dumps([{"labels": {"job": "ray"}, "targets": [url.netloc]}]))
+    jobs["ray"]["file_sd_configs"] = [{"files": [str(sd_file)]}]
+    for job in jobs.values():
+        job["metrics_path"] = url.path
+    return config
+
+
+def start_prometheus(target_url: str, workdir: Path) -> tuple[subprocess.Popen | None, str | None]:
+    """Debian's prometheus on loopback scraping `target_url` with the shipped config; (None, None) if absent."""
+    binary = os.environ.get("PROMETHEUS_BIN") or shutil.which("prometheus")
+    if binary is None:
+        return None, None
+    config_file = workdir / "prometheus.yml"
+    config_file.write_text(yaml.safe_dump(scrape_config_for(target_url, workdir)))
+    port = free_port()
+    proc = subprocess.Popen(
+        [binary, f"--config.file={config_file}", f"--storage.tsdb.path={workdir / 'data'}",
+         f"--web.listen-address=127.0.0.1:{port}", "--log.level=warn"],
+        stdout=open(workdir / "prometheus.log", "w"), stderr=subprocess.STDOUT)
+    return proc, f"http://127.0.0.1:{port}"
+
+
 @dataclass
 class LiveSweep:
     url: str
     proc: subprocess.Popen
     log: str
+    prometheus: subprocess.Popen | None = None
+    prometheus_url: str | None = None
+    workdir: Path | None = None
+
+    def prometheus_log(self) -> str:
+        return (self.workdir / "prometheus.log").read_text()
 
     def samples(self) -> dict[tuple[str, frozenset], float]:
         with urllib.request.urlopen(self.url, timeout=10) as r:
@@ -70,8 +115,10 @@ class LiveSweep:
 
 
 def start_live_sweep(workdir) -> tuple[LiveSweep, TestServer]:
+    """Prometheus first (when installed), so it watches the sweep from its start."""
     server = TestServer(responder=RuleResponder(), latency=fixed_latency(0.05)).start()
     port = free_port()
+    prometheus, prometheus_url = start_prometheus(f"http://127.0.0.1:{port}/metrics", workdir)
     backend = {"kind": "openai", "model": "rule-stub", "base_url": server.base_url, "api_key_env": "NS_LIVE_KEY",
                "concurrency": 4, "price_input_per_mtok": 0.15, "price_output_per_mtok": 0.6}
     cfg = {"model": {"name": "tiny-gpt2"}, "corpus": {"seq_len": 16, "max_windows": 120}, "layers": "0-1",
@@ -83,12 +130,15 @@ def start_live_sweep(workdir) -> tuple[LiveSweep, TestServer]:
     proc = subprocess.Popen([sys.executable, "-m", "orchestrator.cli", "sweep", "-c", str(workdir / "sweep.yaml"),
                              "--metrics-linger", "900"], env={**os.environ, "NS_LIVE_KEY": "sk-live"},
                             stdout=open(log, "w"), stderr=subprocess.STDOUT, start_new_session=True)
-    live = LiveSweep(f"http://127.0.0.1:{port}/metrics", proc, log)
+    live = LiveSweep(f"http://127.0.0.1:{port}/metrics", proc, log, prometheus, prometheus_url, workdir)
     live.wait_started()
     return live, server
 
 
 def stop_live_sweep(live: LiveSweep, server: TestServer) -> None:
+    if live.prometheus is not None:
+        live.prometheus.terminate()
+        live.prometheus.wait(timeout=20)
     live.proc.terminate()
     try:
         live.proc.wait(timeout=20)

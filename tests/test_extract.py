@@ -7,8 +7,9 @@ from hypothesis import strategies as st
 
 from schemas.config import Corpus
 from workers.corpus import iter_windows
-from workers.extract import (ActivationCollector, ActivationExtractor, CollectorSpec, float_order_key,
-                             random_priorities, random_priority_py, tensor_bytes, tensor_load)
+from workers.extract import (ActivationCollector, ActivationExtractor, CollectorSpec, TopReservoir, float_order_key,
+                             random_priorities, random_priority_py, random_sample, random_sample_py, tensor_bytes,
+                             tensor_load)
 
 SEED = 7
 
@@ -37,8 +38,8 @@ def slow_summary(acts, seq_ids, layer, top_k, n_random, seed=SEED):
         a = acts[:, :, n]
         wmax = a.max(1)
         top = sorted(range(len(seq_ids)), key=lambda i: (-wmax[i], seq_ids[i]))[:top_k]
-        rnd = sorted(range(len(seq_ids)), key=lambda i: (random_priority_py(seed, layer, n, int(seq_ids[i])),
-                                                         seq_ids[i]))[:n_random]
+        pos = {int(s): i for i, s in enumerate(seq_ids)}
+        rnd = [pos[s] for s in random_sample_py(seed, layer, n, [int(s) for s in seq_ids], n_random)]
         flat = a.astype(np.float64).reshape(-1)
         out.append({"top": [int(seq_ids[i]) for i in top], "random": [int(seq_ids[i]) for i in rnd],
                     "top_acts": a[top], "random_acts": a[rnd], "mean": flat.mean(), "variance": flat.var(),
@@ -78,7 +79,7 @@ def check_against_oracle(collector, layer, acts, seq_ids, top_k, n_random):
 def test_collector_matches_brute_force_on_a_real_forward(fixture, request):
     model = request.getfixturevalue(fixture)
     token_ids, seq_ids = windows_of(model)
-    spec = CollectorSpec([0, 1], model.info.n_neurons, 16, top_k=6, n_random=5, seed=SEED)
+    spec = CollectorSpec([0, 1], model.info.n_neurons, 16, top_k=6, n_random=5, seed=SEED, corpus=seq_ids.tolist())
     collector = ActivationCollector(spec)
     extractor = ActivationExtractor(model, collector)
     extractor.run(token_ids, seq_ids, batch_size=7)  # uneven batches: 6 x 7 + 3
@@ -93,7 +94,7 @@ def test_only_requested_layers_are_hooked_and_the_forward_stops_after_the_last(t
     token_ids, seq_ids = windows_of(tiny_llama, n=5)
     calls = []
     h = tiny_llama.down_proj(1).register_forward_pre_hook(lambda m, a: calls.append(1))
-    collector = ActivationCollector(CollectorSpec([0], 64, 16, 3, 2, SEED))
+    collector = ActivationCollector(CollectorSpec([0], 64, 16, 3, 2, SEED, corpus=seq_ids.tolist()))
     extractor = ActivationExtractor(tiny_llama, collector)
     extractor.run(token_ids, seq_ids, batch_size=5)
     h.remove()
@@ -143,36 +144,46 @@ def test_random_priorities_on_the_device_equal_the_python_reference():
     assert all(0 <= v < 2 ** 31 for row in want for v in row)
 
 
+def test_random_sample_on_the_device_equals_the_python_reference():
+    corpus = [3, 8, 9, 20, 21, 40, 41, 77, 90, 91, 99]
+    got = random_sample(SEED, 4, 6, torch.tensor(corpus), 5)
+    assert got.tolist() == [random_sample_py(SEED, 4, n, corpus, 5) for n in range(6)]
+    assert random_sample(SEED, 4, 2, torch.tensor([5, 6]), 5).tolist() == \
+        [random_sample_py(SEED, 4, n, [5, 6], 5) for n in range(2)]  # fewer windows than n_random: all of them
+
+
 def test_random_records_are_uniform_and_independent_per_neuron():
     """Each window is sampled with probability n_random / n_windows; neurons do not share a sample."""
     n_windows, n_neurons, k = 50, 400, 5
-    salts = __import__("workers.extract", fromlist=["neuron_salts"]).neuron_salts(SEED, 0, n_neurons, "cpu")
-    pri = random_priorities(salts, torch.arange(n_windows))
-    chosen = pri.argsort(dim=1)[:, :k]
+    chosen = random_sample(SEED, 0, n_neurons, torch.arange(n_windows), k)
+    assert all(len(set(row)) == k for row in chosen.tolist())  # without replacement
     counts = torch.bincount(chosen.reshape(-1), minlength=n_windows).float()
     expected = n_neurons * k / n_windows  # 40 per window
     chi2 = float(((counts - expected) ** 2 / expected).sum())
     assert chi2 < 100  # 49 degrees of freedom: p < 1e-5 above 100
     assert len({tuple(sorted(r)) for r in chosen.tolist()}) > n_neurons * 0.99
+    first = torch.bincount(chosen[:, 0], minlength=n_windows).float()  # rank 0 is uniform too (order is random)
+    assert float(((first - n_neurons / n_windows) ** 2 / (n_neurons / n_windows)).sum()) < 100
 
 
 def test_synthetic_with_ties_matches_brute_force():
     acts = synthetic(37, 3, 5, seed=1)
     seq_ids = torch.randperm(1000)[:37]
-    c = ActivationCollector(CollectorSpec([2], 5, 3, top_k=8, n_random=6, seed=SEED))
+    c = ActivationCollector(CollectorSpec([2], 5, 3, top_k=8, n_random=6, seed=SEED, corpus=seq_ids.tolist()))
     feed(c, 2, acts, seq_ids, batch=4)
     check_against_oracle(c, 2, acts.numpy(), seq_ids, 8, 6)
 
 
 def state(c):
     layer = c.layers[next(iter(c.layers))]
-    return layer.top.sorted(), layer.random.sorted(), layer.stats
+    return layer.top.sorted(), (layer.random.seq, layer.random.acts, layer.random.filled), layer.stats
 
 
 def assert_same(a, b):
     (ta, ra, sa), (tb, rb, sb) = state(a), state(b)
-    for x, y in ((ta, tb), (ra, rb)):
-        assert torch.equal(x[0], y[0]) and torch.equal(x[1], y[1]) and x[2] == y[2]
+    f = ta[2]
+    assert f == tb[2] and torch.equal(ta[0][:, :f], tb[0][:, :f]) and torch.equal(ta[1][:, :f], tb[1][:, :f])
+    assert all(torch.equal(x, y) for x, y in zip(ra, rb))
     assert sa.n == sb.n and torch.equal(sa.max, sb.max) and torch.equal(sa.n_pos, sb.n_pos)
     torch.testing.assert_close(sa.mean, sb.mean, rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(sa.m2, sb.m2, rtol=1e-12, atol=1e-10)
@@ -182,9 +193,9 @@ def assert_same(a, b):
 @given(n_windows=st.integers(1, 40), parts=st.integers(1, 4), batch=st.integers(1, 9), top_k=st.integers(1, 6),
        n_random=st.integers(0, 6), seed=st.integers(0, 10 ** 6))
 def test_merging_slices_equals_one_collector_over_everything(n_windows, parts, batch, top_k, n_random, seed):
-    spec = CollectorSpec([1], 3, 4, top_k, n_random, seed)
     acts = synthetic(n_windows, 4, 3, seed)
     seq_ids = torch.randperm(10 * n_windows, generator=torch.Generator().manual_seed(seed))[:n_windows]
+    spec = CollectorSpec([1], 3, 4, top_k, n_random, seed, corpus=seq_ids.tolist())
     whole = ActivationCollector(spec)
     feed(whole, 1, acts, seq_ids, batch)
     cuts = sorted({0, n_windows, *torch.randint(0, n_windows + 1, (parts - 1,)).tolist()})
@@ -196,10 +207,30 @@ def test_merging_slices_equals_one_collector_over_everything(n_windows, parts, b
         merged.merge(part)
     assert_same(whole, merged)
     assert merged.n_windows == n_windows
+    assert bool(merged.layers[1].random.filled.all())
+
+
+@settings(max_examples=30, deadline=None)
+@given(n_windows=st.integers(1, 60), k=st.integers(1, 7), spare=st.integers(1, 9), batch=st.integers(1, 11),
+       seed=st.integers(0, 10 ** 6))
+def test_top_reservoir_with_few_spare_slots_keeps_the_exact_top_k(n_windows, k, spare, batch, seed):
+    """Floor raises happen all the time with one spare slot; the result must not depend on them."""
+    g = torch.Generator().manual_seed(seed)
+    keys = torch.randperm(10 ** 6, generator=g)[:2 * n_windows].reshape(2, n_windows) * 7 + 2 ** 40
+    acts = torch.randn(n_windows, 3, 2, generator=g)
+    res = TopReservoir(2, k, 3, torch.float32, "cpu", spare=spare)
+    for i in range(0, n_windows, batch):
+        res.offer(keys[:, i:i + batch], acts[i:i + batch])
+    got_keys, got_acts, filled = res.sorted()
+    want = keys.sort(dim=1, descending=True)
+    assert filled == min(k, n_windows)
+    assert torch.equal(got_keys[:, :filled], want.values[:, :filled])
+    for n in range(2):
+        assert torch.equal(got_acts[n, :filled], acts[want.indices[n, :filled], :, n])
 
 
 def test_state_dict_round_trip_then_continue():
-    spec = CollectorSpec([0], 4, 3, 3, 2, SEED)
+    spec = CollectorSpec([0], 4, 3, 3, 2, SEED, corpus=range(20))
     acts, seq_ids = synthetic(20, 3, 4, seed=3), torch.arange(20)
     whole = ActivationCollector(spec)
     feed(whole, 0, acts, seq_ids, 5)
@@ -231,3 +262,61 @@ def test_bf16_activations_are_kept_exactly():
     for n in range(3):
         best = int(wmax[:, n].argmax())
         assert rows[n]["top"][0]["activations"] == acts[best, :, n].float().tolist()
+
+
+# --- quantile records ---------------------------------------------------------------------------------------
+def test_quantile_bins_are_exact_positions_by_quantile():
+    from workers.extract import quantile_bin_bounds
+    assert quantile_bin_bounds(1000) == [(0, 500), (500, 900), (900, 990), (990, 999)]  # the top window: none
+    assert quantile_bin_bounds(120) == [(0, 60), (60, 108), (108, 119), (119, 120)]
+    assert quantile_bin_bounds(10) == [(0, 5), (5, 9), (9, 10), (10, 10)]  # too few windows: the last bin is empty
+    assert quantile_bin_bounds(0) == [(0, 0)] * 4
+
+
+def test_quantile_picks_by_hand():
+    """Six windows, one neuron: ascending by max (ties: higher seq_id first) -> positions; W = 6 gives bins
+    [0, 3), [3, 6), [6, 6), [6, 6); each bin keeps its window of smallest priority."""
+    from workers.extract import quantile_picks, quantile_priority_py
+    seq = [10, 11, 12, 13, 14, 15]
+    maxima = torch.tensor([[5.0], [1.0], [1.0], [9.0], [0.0], [7.0]])  # ascending: 14, 12, 11 | 10, 15, 13
+    prio = {s: quantile_priority_py(SEED, 2, 0, s) for s in seq}
+    want = [min((14, 12, 11), key=prio.get), min((10, 15, 13), key=prio.get), -1, -1]
+    assert quantile_picks(SEED, 2, torch.tensor(seq), maxima, 1).tolist() == [want]
+
+
+@settings(max_examples=40, deadline=None)
+@given(n_windows=st.integers(0, 260), n_neurons=st.integers(1, 4), n_per=st.integers(1, 3),
+       levels=st.integers(1, 6), seed=st.integers(0, 10 ** 6))
+def test_quantile_picks_equal_the_slow_reference(n_windows, n_neurons, n_per, levels, seed):
+    """Integer maxima tie all the time, which tests the tie rule."""
+    from workers.extract import quantile_picks, quantile_picks_py
+    g = torch.Generator().manual_seed(seed)
+    seq = torch.randperm(10 * n_windows + 1, generator=g)[:n_windows]
+    maxima = torch.randint(-1, levels, (n_windows, n_neurons), generator=g).to(torch.bfloat16)
+    got = quantile_picks(seed, 1, seq, maxima, n_per)
+    for n in range(n_neurons):
+        want = quantile_picks_py(seed, 1, n, seq.tolist(), maxima[:, n].float().tolist(), n_per)
+        assert [(r, s) for r, s in enumerate(got[n].tolist()) if s >= 0] == want
+
+
+def test_a_failing_compile_falls_back_to_eager_with_one_warning(monkeypatch, caplog):
+    import workers.extract as ex
+
+    def broken(*a, **k):
+        raise RuntimeError("InductorError: no working C compiler found\nlong trace ...")
+    monkeypatch.setattr(ex.torch, "compile", lambda fn, **kw: broken)
+    summarize = ex.compiled_summaries()
+    x, seq_ids, floor = torch.randn(3, 4, 5), torch.arange(3), torch.zeros(5, 1, dtype=torch.int64)
+    with caplog.at_level("WARNING", logger="workers.extract"):
+        first, second = summarize(x, seq_ids, floor), summarize(x, seq_ids, floor)
+    want = ex.window_summaries(x, seq_ids, floor)
+    assert all(torch.equal(a, b) for got in (first, second) for a, b in zip(got, want))
+    assert [r.getMessage() for r in caplog.records] == [
+        "torch.compile of the per-window reductions failed (RuntimeError: InductorError: no working C compiler "
+        "found); running them eagerly"]
+
+
+def test_tiny_models_are_not_compiled():
+    from workers.extract import wants_compile
+    assert not wants_compile(CollectorSpec([0, 1], 64, 16, 4, 3, 0), "cpu")
+    assert wants_compile(CollectorSpec(list(range(30)), 1536, 64, 20, 15, 0), "cpu")

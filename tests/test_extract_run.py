@@ -7,6 +7,7 @@ import textwrap
 from pathlib import Path
 
 import numpy as np
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 import torch
@@ -22,7 +23,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def config(out, **over):
     data = {"model": {"name": "tiny-gpt2", "batch_size": 5}, "corpus": {"seq_len": 16, "max_windows": 40},
-            "records": {"top_k": 4, "n_random": 3, "n_per_split": 1}, "seed": 3, "output": str(out)}
+            "records": {"top_k": 4, "n_random": 3, "n_per_split": 1, "quantiles": True, "n_per_quantile": 1},
+            "seed": 3, "output": str(out)}
     for k, v in over.items():
         data.setdefault(k, {}).update(v) if isinstance(v, dict) else data.__setitem__(k, v)
     return SweepConfig.from_dict(data)
@@ -74,7 +76,8 @@ def test_outputs_equal_a_fresh_forward_over_the_stored_windows(reference, tiny_g
         np.testing.assert_allclose(r["activations"], acts[r["layer"]][r["seq_id"], :, r["neuron"]], rtol=1e-5,
                                    atol=1e-6)
         assert r["max_activation"] == pytest.approx(max(r["activations"]))
-    assert rec.num_rows == 2 * 64 * (4 + 3)
+    assert rec.num_rows == 2 * 64 * (4 + 3 + 3)  # 40 windows: quantile bins of 20, 16, 4 and 0 windows
+    assert set(rec.filter(pc.field("kind") == "quantile")["rank"].to_pylist()) == {0, 1, 2}
     assert stats.num_rows == 128 and set(stats["n_tokens"].to_pylist()) == {40 * 16}
     marker = store.read_json(EXTRACT_MARKER)
     assert {k: marker[k] for k in ("layers", "n_neurons", "n_windows", "seq_len", "top_k", "n_random", "seed")} == \
@@ -91,18 +94,66 @@ def test_a_finished_run_is_not_redone(reference):
 
 
 def test_reading_a_neuron_range_opens_only_its_files(tmp_path, monkeypatch):
+    from orchestrator.metrics import SweepMetrics
     monkeypatch.setattr(extract_run, "NEURONS_PER_FILE", 16)
     store = RunStore.open(str(tmp_path), create=True)
-    run_extraction(config(tmp_path, layers="1"), store, use_ray=False, chunk_windows=40)
+    metrics = SweepMetrics()
+    run_extraction(config(tmp_path, layers="1"), store, use_ray=False, chunk_windows=40, metrics=metrics)
+    assert metrics.registry.get_sample_value("neuronsweep_extract_tokens_total") == 40 * 16
+    assert metrics.registry.get_sample_value("neuronsweep_extract_tokens_per_second", {"actor": "0"}) > 0
     files = sorted(p.rsplit("/", 1)[-1] for p in store.list_files("records/layer=1"))
     assert files == ["n000000-000016.parquet", "n000016-000032.parquet", "n000032-000048.parquet",
                      "n000048-000064.parquet"]
     t = read_records(store, 1, 20, 30)
     assert sorted(set(t["neuron"].to_pylist())) == list(range(20, 30))
     assert t["neuron"].to_pylist() == sorted(t["neuron"].to_pylist())  # rows sorted by neuron
-    assert t.num_rows == 10 * 7
+    assert t.num_rows == 10 * 10
     assert read_records(store, 1, 70, 80).num_rows == 0
-    assert pq.read_metadata(store.list_files("records/layer=1")[0]).num_rows == 16 * 7
+    assert pq.read_metadata(store.list_files("records/layer=1")[0]).num_rows == 16 * 10
+
+
+def test_quantile_records_equal_brute_force_and_the_quantile_pass_resumes(tmp_path, tiny_llama, monkeypatch):
+    """120 windows (bins of 60, 48, 11 and 1 windows), chunks of 32 cut into batches of 7: every activation
+    materialised over the same batches, the quantile bins and hash picks computed the slow way."""
+    from workers.extract import ExtractWorker, quantile_picks_py
+    cfg = config(tmp_path, model={"name": "tiny-llama", "batch_size": 7}, corpus={"seq_len": 8, "max_windows": 120},
+                 records={"n_per_quantile": 2})
+    store = RunStore.open(str(tmp_path), create=True)
+    run_extraction(cfg, store, use_ray=False, chunk_windows=32)
+    token_ids = torch.tensor(store.read_table("sequences")["token_ids"].to_pylist())
+    acts = {0: [], 1: []}
+    hooks = [tiny_llama.down_proj(layer).register_forward_pre_hook(
+        lambda m, a, layer=layer: acts[layer].append(a[0].numpy().copy())) for layer in (0, 1)]
+    with torch.no_grad():
+        for lo in range(0, 120, 32):
+            for i in range(lo, min(lo + 32, 120), 7):
+                tiny_llama.model(token_ids[i:min(i + 7, lo + 32, 120)])
+    for h in hooks:
+        h.remove()
+    rec = store.read_table("records").filter(pc.field("kind") == "quantile").to_pylist()
+    got = {}
+    for r in rec:
+        got.setdefault((r["layer"], r["neuron"]), []).append(r)
+    for layer in (0, 1):
+        full = np.concatenate(acts[layer])  # [120, 8, 64]
+        maxima = full.max(axis=1)
+        for n in range(64):
+            want = quantile_picks_py(3, layer, n, list(range(120)), maxima[:, n].tolist(), 2)
+            rows = got[(layer, n)]
+            assert [(r["rank"], r["seq_id"]) for r in rows] == want and len(want) == 7
+            for r in rows:  # same batches as the first pass: bit for bit
+                assert r["activations"] == full[r["seq_id"], :, n].tolist()
+    # the quantile pass resumes by chunk: drop one chunk's output and the finished marks, run again
+    before = tables(store)
+    store.fs.delete_dir(store.path("_extract/quantile/chunk-00001"))
+    store.fs.delete_file(store.path(EXTRACT_MARKER))
+    redone = []
+    original = ExtractWorker.process_quantiles
+    monkeypatch.setattr(ExtractWorker, "process_quantiles", lambda self, c: redone.append(c) or original(self, c))
+    again = run_extraction(cfg, store, use_ray=False)
+    assert again.chunks_processed == 0 and redone == [1]
+    after = tables(store)
+    assert before[0].equals(after[0]) and before[1].equals(after[1])
 
 
 KILLER = textwrap.dedent("""

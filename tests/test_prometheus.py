@@ -40,54 +40,13 @@ def prometheus_binary() -> str:
     return path
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def scrape_config_for(target_url: str, workdir: Path) -> dict[str, Any]:
-    """cluster/prometheus.yml pointed at one target: the driver job's static target, and Ray's file_sd file
-    (written here in Ray's own format) listing it too; scraped every second so the test is quick."""
-    config = yaml.safe_load(SHIPPED_CONFIG.read_text())
-    url = urllib.parse.urlsplit(target_url)
-    config["global"]["scrape_interval"] = config["global"]["evaluation_interval"] = "1s"
-    jobs = {job["job_name"]: job for job in config["scrape_configs"]}
-    assert set(jobs) == {"neuronsweep-driver", "ray"}
-    jobs["neuronsweep-driver"]["static_configs"] = [{"targets": [url.netloc]}]
-    sd_file = workdir / "prom_metrics_service_discovery.json"
-    sd_file.write_text(json.dumps([{"labels": {"job": "ray"}, "targets": [url.netloc]}]))
-    jobs["ray"]["file_sd_configs"] = [{"files": [str(sd_file)]}]
-    for job in jobs.values():
-        job["metrics_path"] = url.path
-    return config
-
-
 @pytest.fixture(scope="module")
-def prometheus_url(prometheus_binary, live_sweep, tmp_path_factory) -> Iterator[str]:
-    """Started while the live sweep is still working, so Prometheus watches it progress."""
-    workdir = tmp_path_factory.mktemp("prometheus")
-    config_file = workdir / "prometheus.yml"
-    config_file.write_text(yaml.safe_dump(scrape_config_for(live_sweep.url, workdir)))
-    port = _free_port()
-    log = open(workdir / "prometheus.log", "w")
-    proc = subprocess.Popen(
-        [prometheus_binary, f"--config.file={config_file}", f"--storage.tsdb.path={workdir / 'data'}",
-         f"--web.listen-address=127.0.0.1:{port}", "--log.level=warn"],
-        stdout=log, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        wait_for(lambda: _ready(url, proc), timeout=30,
-                 what=lambda: f"Prometheus ready; log:\n{(workdir / 'prometheus.log').read_text()[-2000:]}")
-        yield url
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-        log.close()
+def prometheus_url(prometheus_binary, live_sweep) -> Iterator[str]:
+    """The Prometheus server that the live sweep fixture started before the sweep, so it watched it run."""
+    assert live_sweep.prometheus_url, "the live sweep found no prometheus binary"
+    wait_for(lambda: _ready(live_sweep.prometheus_url, live_sweep.prometheus), timeout=30,
+             what=lambda: f"Prometheus ready; log:\n{live_sweep.prometheus_log()[-2000:]}")
+    yield live_sweep.prometheus_url
 
 
 def _ready(url: str, proc: subprocess.Popen) -> bool:

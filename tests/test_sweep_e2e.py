@@ -84,6 +84,15 @@ def test_sweep_end_to_end_with_the_method(tmp_path, server, ray_local):
     assert journal_size(Path(cfg.output)) == len(server.served)
     # each committed shard carries the journal rows of the calls it used (a shared answer in each shard using it)
     assert len(set(store.read_table("calls").column("key").to_pylist())) == len(server.served)
+    # the viewer and the report read a real sweep's output
+    from fastapi.testclient import TestClient
+    from orchestrator.viewer.app import create_app
+    client = TestClient(create_app(cfg.output))
+    assert client.get("/").status_code == 200
+    done = next(r for r in store.read_table("ledger").to_pylist() if r["status"] == "done")
+    page = client.get(f"/neuron/{done['layer']}/{done['neuron']}")
+    assert page.status_code == 200 and "data-act=" in page.text and "data-sim=" in page.text
+    assert client.get("/api/run").json()
     # the key never reaches any file of the run
     for path in Path(cfg.output).rglob("*"):
         if path.is_file():
