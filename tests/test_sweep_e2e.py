@@ -189,3 +189,48 @@ def test_kill_9_of_the_driver_then_resume(tmp_path):
 def _write(path: Path, cfg: SweepConfig) -> str:
     path.write_text(yaml.safe_dump(cfg.model_dump(mode="json")))
     return str(path)
+
+
+def test_explain_one_neuron_from_the_cli(tmp_path, server, ray_local, monkeypatch, capsys):
+    """`neuronsweep explain` after the extraction: one neuron in-process, printed, nothing committed."""
+    from orchestrator.cli import main
+    from orchestrator.extract_run import run_extraction
+
+    cfg = SweepConfig.from_dict(config(tmp_path / "run", server, layers="1"))
+    run_extraction(cfg, RunStore.open(cfg.output, create=True))
+    monkeypatch.setenv(KEY_VAR, KEY)
+    args = ["explain", "--layer", "1", "--neuron", "5", "--out", cfg.output, "--model", "tiny-gpt2",
+            *[f"--set={k}={v}" for k, v in [("explainer.kind", "openai"), ("explainer.base_url", server.base_url),
+                                              ("explainer.api_key_env", KEY_VAR), ("explainer.model", "rule-stub"),
+                                              ("explainer.capabilities", "chat"), ("simulator.kind", "openai"),
+                                              ("simulator.base_url", server.base_url), ("simulator.model", "rule-stub"),
+                                              ("simulator.api_key_env", KEY_VAR),
+                                              ("simulator.capabilities", "chat_logprobs")]]]
+    assert main(args) == 0
+    text = capsys.readouterr().out
+    assert "layer 1 neuron 5" in text and "correlation" in text and "[generated_logprob]" in text
+    assert not (tmp_path / "run" / "_markers").exists()
+    assert main(["explain", "--layer", "0", "--neuron", "5", "--out", cfg.output, "--model", "tiny-gpt2"]) == 2
+
+
+@pytest.mark.real_model
+@pytest.mark.slow
+def test_main_job_on_the_embedded_default(tmp_path):
+    """The README's main job, shrunk: SmolLM2-135M as subject, explainer and simulator (local backend, no
+    network, no key), the stdlib corpus, through the CLI and in-process Ray."""
+    demo = yaml.safe_load(Path(__file__).resolve().parents[1].joinpath("examples/demo.yaml").read_text())
+    demo.update(layers="5", neurons="7", shard_size=1, output=str(tmp_path / "demo"), metrics_port=0)
+    demo["corpus"]["max_windows"] = 80
+    f = tmp_path / "demo.yaml"
+    f.write_text(yaml.safe_dump(demo))
+    r = subprocess.run([sys.executable, "-m", "orchestrator.cli", "sweep", "-c", str(f)], capture_output=True,
+                       text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "1 done, 0 failed, 0 skipped of 1" in r.stdout
+    store = RunStore.open(str(tmp_path / "demo"))
+    (score,) = [s for s in store.read_table("scores").to_pylist() if s["scorer"] == "correlation"]
+    assert score["simulator_mode"] == "prompt_logprob" and score["simulator_model"] == "smollm2-135m"
+    assert store.read_table("explanations").column("explanation").to_pylist()[0].strip()
+    st = subprocess.run([sys.executable, "-m", "orchestrator.cli", "status", str(tmp_path / "demo")],
+                        capture_output=True, text=True, timeout=120)
+    assert st.returncode == 0 and "done" in st.stdout
