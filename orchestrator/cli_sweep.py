@@ -135,43 +135,63 @@ def _open(run: str) -> RunStore:
 def status(run: Annotated[str, typer.Argument(help="run directory or URI")],
            as_json: Annotated[bool, typer.Option("--json", help="machine-readable output")] = False) -> None:
     """Counts, throughput, cost so far and failures by reason, from the run directory alone."""
-    from orchestrator.runstatus import run_status
+    from orchestrator.pipeline import committed_summaries
+    from orchestrator.results import RunReader
 
-    st = run_status(_open(run))
+    store = _open(run)
+    p = RunReader(store).progress()
+    span = _commit_span_s(committed_summaries(store).values())
+    st = {**p.to_dict(), "wall_s": span, "neurons_per_s": p.processed / span if span else 0.0}
     if as_json:
         out.print_json(json.dumps(st, default=str))
         return
     t = Table(show_header=False, box=None)
-    for k in ("planned", "done", "failed", "skipped", "remaining", "shards", "extraction"):
-        t.add_row(k, str(st[k]))
-    t.add_row("throughput", f"{st['neurons_per_s']:.2f} neurons/s over {st['active_s']:.0f}s of shard time")
-    t.add_row("tokens", f"{st['prompt_tokens']:,} prompt + {st['completion_tokens']:,} completion")
-    t.add_row("cost so far", f"${st['cost_usd']:.4f}")
-    if st["mean_score"] is not None:
-        t.add_row("mean score", f"{st['mean_score']:.3f} over {st['scored']:,} scored neurons")
+    t.add_row("planned", f"{p.planned:,}" if p.planned is not None else "?")
+    for k in ("done", "failed", "skipped", "pending"):
+        t.add_row(k, f"{st[k]:,}")
+    t.add_row("shards", f"{p.shards_committed}/{p.n_shards} committed")
+    t.add_row("extraction", "complete" if p.extracted else "not finished")
+    t.add_row("throughput", f"{st['neurons_per_s']:.2f} neurons/s (first shard start to last commit: {span:.0f} s)")
+    t.add_row("tokens", f"{p.prompt_tokens:,} prompt + {p.completion_tokens:,} completion")
+    t.add_row("cost so far", f"${p.cost_usd:.4f}")
+    if p.mean_score is not None:
+        t.add_row("mean score", f"{p.mean_score:.3f} over {p.scored:,} scored neurons")
     out.print(t)
-    if st["failures"]:
+    if p.failures:
         out.print("failures by reason:")
-        for reason, n in sorted(st["failures"].items(), key=lambda kv: -kv[1]):
+        for reason, n in p.failures.items():
             out.print(f"  {reason:<14} {n}")
+
+
+def _commit_span_s(markers) -> float:
+    """Seconds from the first shard's start to the last commit (pauses between resumed runs included)."""
+    import datetime as dt
+
+    starts, ends = [], []
+    for m in markers:
+        if m.get("committed_at"):
+            end = dt.datetime.fromisoformat(m["committed_at"]).timestamp()
+            ends.append(end)
+            starts.append(end - m.get("elapsed_s", 0.0))
+    return max(ends) - min(starts) if ends else 0.0
 
 
 @app.command()
 def show(run: Annotated[str, typer.Argument(help="run directory or URI")], layer: int, neuron: int,
          n_records: Annotated[int, typer.Option("--records", help="top records to print")] = 3) -> None:
     """A neuron's explanation, scores and top records with their activations."""
-    from orchestrator.runstatus import neuron_detail
+    from orchestrator.results import RunReader
 
-    d = neuron_detail(_open(run), layer, neuron)
+    d = RunReader(_open(run)).neuron(layer, neuron)
     led = d["ledger"]
     out.print(f"[bold]layer {layer} neuron {neuron}[/]: {led['status'] if led else 'not processed yet'}"
-              + (f" ({led['error']})" if led and led.get("error") else ""))
+              + escape(f" ({led['error']})" if led and led.get("error") else ""))
     for e in d["explanations"]:
         mark = "*" if e.get("selected") else " "
         out.print(escape(f" {mark} explanation [{e['candidate']}]: {e['explanation']}"))
     for s in d["scores"]:
         out.print(score_line(s))
-    for r in d["records"][:n_records]:
+    for r in d["records"]["top"][:n_records]:
         text = "".join(f"{tok}[{act:.2f}]" if act > 0 else tok for tok, act in zip(r["tokens"], r["activations"]))
         out.print(f"   top #{r['rank']} (max {r['max_activation']:.3f}): {text!r}", markup=False, highlight=False)
 

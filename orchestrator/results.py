@@ -28,6 +28,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from orchestrator.store import RunStore
+from orchestrator.metrics import failure_reason  # one bounded vocabulary: metrics, status, viewer
 from schemas.tables import TABLES, check_version
 
 EXTRACT_MARKER = "_extract/complete.json"
@@ -153,17 +154,6 @@ def query_index(index: pa.Table, *, layer: int | None = None, min_score: float |
             return head.take(pc.sort_indices(head, sort_keys=keys)).slice(offset, limit), t.num_rows
     order = pc.sort_indices(t, sort_keys=[(k, d, "at_end") for k, d in keys])
     return t.take(order.slice(offset, limit)), t.num_rows
-
-
-def failure_reason(error: str | None) -> str:
-    """A short reason to group failures by: the error's class name ('RateLimitError: 429 ...' ->
-    'RateLimitError'), else its first words."""
-    if not error:
-        return "unknown"
-    m = re.match(r"^(?:layer \d+ neuron \d+: )?([A-Za-z_][\w.]*(?:Error|Exception|Timeout|Failed))\b", error)
-    if m:
-        return m.group(1)
-    return " ".join(error.split()[:6])[:60]
 
 
 @dataclass

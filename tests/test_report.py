@@ -30,7 +30,7 @@ def test_report_writes_three_plots_and_a_summary(tmp_path):
     high = sum(s >= 0.8 for s in scores)
     assert f"neurons done: **{len(facts.done)}** of 24 planned (failed 3, skipped 1, pending 0)" in text
     assert f"share with score ≥ 0.8: **{high / len(scores):.1%}** ({high} neurons)" in text
-    assert "| MalformedAnswerError | 2 |" in text and "| RateLimitError | 1 |" in text
+    assert "| malformed | 2 |" in text and "| rate_limited | 1 |" in text
     best = max((r for r in facts.store.read_table("scores").to_pylist() if r["layer"] == 2 and r["score"]),
                key=lambda r: r["score"])
     assert f"| 2 | {best['neuron']} | {best['score']:.3f} |" in text

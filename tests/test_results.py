@@ -98,11 +98,13 @@ def test_partial_sort_pages_equal_the_full_sort(scores, offset, limit, descendin
     assert total == len(scores) and page["neuron"].to_pylist() == keys[offset:offset + limit]
 
 
-def test_failure_reasons_group_by_error_class():
-    assert failure_reason("RateLimitError: 429 too many requests") == "RateLimitError"
-    assert failure_reason("layer 3 neuron 7: APITimeoutError: read timed out") == "APITimeoutError"
-    assert failure_reason("neuron deadline of 600 s passed") == "neuron deadline of 600 s passed"
-    assert failure_reason(None) == "unknown"
+def test_failure_reasons_are_one_bounded_vocabulary():
+    assert failure_reason("layer 3 neuron 7: RateLimitedError: 429 too many requests") == "rate_limited"
+    assert failure_reason("layer 3 neuron 7: TransientLLMError: read timed out") == "timeout"
+    assert failure_reason("layer 1 neuron 2: TransientLLMError: m: HTTP 503 from the endpoint") == "server_error"
+    assert failure_reason("deadline: not finished within 600s") == "deadline"
+    assert failure_reason("layer 0 neuron 1: MalformedAnswerError: misaligned") == "malformed"
+    assert failure_reason("something else entirely") == "error"
 
 
 @pytest.fixture(scope="module")
@@ -118,7 +120,7 @@ def test_progress_counts_the_runs_neurons_tokens_and_cost(facts):
     assert p.cost_usd == pytest.approx(sum(r["cost_usd"] or 0 for r in ledger))
     assert p.prompt_tokens == sum(r["prompt_tokens"] or 0 for r in ledger)
     assert p.scored == len(facts.done - facts.undefined)
-    assert p.failures == {"MalformedAnswerError": 2, "RateLimitError": 1}
+    assert p.failures == {"malformed": 2, "rate_limited": 1}
     assert p.extracted and p.shards_committed == p.n_shards == 6
 
 

@@ -8,7 +8,7 @@ import ray
 
 from orchestrator.metrics import SweepMetrics
 from orchestrator.pipeline import run_sweep
-from orchestrator.runstatus import run_status
+from orchestrator.results import RunReader
 from orchestrator.store import RunStore
 from schemas.config import SweepConfig
 
@@ -41,9 +41,9 @@ def test_every_planned_neuron_gets_exactly_one_row(tmp_path):
     again = run_sweep(cfg, {}, mode="instant", n_actors=2)  # a finished run: nothing to do
     assert again.done == 120 and again.complete
     assert_one_row_per_neuron(store, 120)
-    st = run_status(store)
-    assert (st["done"], st["remaining"], st["shards"]) == (120, 0, "9/9 committed")
-    assert st["prompt_tokens"] == 120 * 14000
+    p = RunReader(store).progress()
+    assert (p.done, p.pending, p.shards_committed, p.n_shards) == (120, 0, 9, 9)
+    assert p.prompt_tokens == 120 * 14000
 
 
 def test_budget_stops_scheduling_and_resume_continues(tmp_path):
