@@ -90,10 +90,24 @@ def config_diff(old: dict, new: dict, prefix: str = "") -> list[str]:
     return out
 
 
+def check_extracted_layers(plan: Plan, store: RunStore) -> None:
+    """A run directory extracted earlier (by `neuronsweep extract` or an import) must hold every planned layer."""
+    if not store.exists(EXTRACT_MARKER):
+        return
+    extracted = store.read_json(EXTRACT_MARKER).get("layers")
+    if extracted is None:
+        return
+    missing = sorted({s.layer for s in plan.shards} - set(extracted))
+    if missing:
+        raise ConfigError(f"layers: {','.join(map(str, missing))} not extracted in {store.root} (extracted: "
+                          f"{','.join(map(str, extracted))}); choose among those or use a new --out directory")
+
+
 def prepare_run(cfg: SweepConfig, store: RunStore) -> Plan:
     """Plan the sweep and write run.json; for an existing run, refuse a config that would change results."""
     shape = model_shape(cfg, store)
     plan = build_plan(cfg, shape)
+    check_extracted_layers(plan, store)
     new = cfg.model_dump(mode="json")
     if store.exists(RUN_FILE):
         old = store.read_json(RUN_FILE)["config"]

@@ -41,3 +41,11 @@ def test_a_run_directory_refuses_a_changed_config(tmp_path):
                           shard_size=7)
     with pytest.raises(ConfigError, match=r"changed: seed \(0 -> 5\), shard_size \(64 -> 7\)"):
         prepare_run(changed, store)
+
+
+def test_a_sweep_refuses_layers_that_were_not_extracted(tmp_path):
+    store = RunStore.open(str(tmp_path / "run"), create=True)
+    store.write_json("_extract/complete.json", {"model": "tiny-gpt2", "layers": [0]})
+    with pytest.raises(ConfigError, match=r"layers: 1 not extracted in .* \(extracted: 0\)"):
+        prepare_run(SweepConfig(model={"name": "tiny-gpt2"}, layers="0-1", output=str(tmp_path / "run")), store)
+    prepare_run(SweepConfig(model={"name": "tiny-gpt2"}, layers="0", output=str(tmp_path / "run")), store)
