@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import pyarrow as pa
 
-SCHEMA_VERSION = "1.0"
+SCHEMA_VERSION = "1.1"  # 1.1: scores.auc
 VERSION_KEY = b"neuronsweep.schema_version"
 TABLE_KEY = b"neuronsweep.table"
 
@@ -67,6 +67,7 @@ SCORES = _schema("scores", [
     pa.field("score_random", pa.float64()),
     pa.field("r2", pa.float64()),
     pa.field("absdev", pa.float64()),
+    pa.field("auc", pa.float64()),  # detection/fuzzing with probabilities; embedding's score is itself an AUC
     pa.field("null_reason", pa.string()),
     pa.field("simulator_model", pa.string()),
     pa.field("simulator_mode", pa.string()),

@@ -127,8 +127,8 @@ def _judged_columns(labels: list[int], answers: list[int], probs: list[float] | 
     score = balanced_accuracy(labels, answers)
     auc = roc_auc(labels, probs) if probs is not None else None
     settings = {**settings, "auc": auc, "n_positive": sum(labels), "n_negative": len(labels) - sum(labels)}
-    return {"score": score, "null_reason": None if score is not None else "needs both kinds of windows",
-            "settings": settings}
+    return {"score": score, "auc": auc,
+            "null_reason": None if score is not None else "needs both kinds of windows", "settings": settings}
 
 
 async def detection_columns(backend: LLMBackend, explanation: str, activating: list[ActivationRecord],
