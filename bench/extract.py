@@ -1,10 +1,13 @@
 """Extraction overhead: plain forward vs forward + capture + per-neuron summaries of ALL layers.
 
-Both run in this process on the same windows, interleaved (plain, extract, plain, extract, ...) so that load
-from other processes hits both alike; the ratio uses the medians. The plain forward is the same trunk call the
-extractor makes (no LM head: extraction never needs logits); the full-LM forward is printed for reference.
+Both run in this process on the same windows, interleaved batch by batch (plain batch i, extract batch i, in
+alternating order), so that load from other processes hits both alike even on a shared machine; each repeat
+is one pass over all windows with a fresh collector, and the ratio uses the median repeat. The plain forward is
+the same trunk call the extractor makes (no LM head: extraction never needs logits); the full-LM forward is
+printed for reference. Use about as many windows as a real run (default config: 2,000): the top reservoirs
+take most windows early in a run and few later, so short runs overstate the cost.
 
-    .venv/bin/python bench/extract.py [--windows 256] [--batch 32] [--repeats 3] [--compile]
+    .venv/bin/python bench/extract.py [--windows 1024] [--batch 32] [--repeats 3] [--eager]
 Last line: extract_overhead_ratio=<extract tokens/s / plain tokens/s>.
 """
 from __future__ import annotations
@@ -40,7 +43,7 @@ def timed(fn) -> float:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", default="smollm2-135m")
-    ap.add_argument("--windows", type=int, default=256)
+    ap.add_argument("--windows", type=int, default=1024)
     ap.add_argument("--seq-len", type=int, default=64)
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--repeats", type=int, default=3)
@@ -60,25 +63,35 @@ def main() -> None:
     print(f"model {m.info.name}: {m.info.n_layers} layers x {m.info.n_neurons} neurons, {m.info.dtype} on {device}; "
           f"{len(ws)} windows x {args.seq_len} tokens, batch {args.batch}, torch threads {torch.get_num_threads()}")
 
-    def plain():
+    def plain_batch(i):
         with torch.no_grad():
-            for i in range(0, len(ws), args.batch):
-                m.model.base_model(input_ids=ids[i:i + args.batch].to(device), use_cache=False)
+            m.model.base_model(input_ids=ids[i:i + args.batch].to(device), use_cache=False)
 
     def full_lm():
         with torch.no_grad():
             for i in range(0, len(ws), args.batch):
                 m.model(input_ids=ids[i:i + args.batch].to(device), use_cache=False)
 
-    def extract():
+    def one_repeat(r: int) -> tuple[float, float]:
+        """(plain seconds, extract seconds) over all windows, measured batch by batch side by side."""
         collector = ActivationCollector(spec, dtype=m.model.dtype, device=device, summarize=summarize)
         ex = ActivationExtractor(m, collector)
+        t_plain = t_extract = 0.0
         try:
-            return timed(lambda: ex.run(ids, seq_ids, args.batch))
+            for j, i in enumerate(range(0, len(ws), args.batch)):
+                def ext(i=i):
+                    ex.run_batch(ids[i:i + args.batch], seq_ids[i:i + args.batch])
+                if (j + r) % 2:
+                    t_extract += timed(ext)
+                    t_plain += timed(lambda: plain_batch(i))
+                else:
+                    t_plain += timed(lambda: plain_batch(i))
+                    t_extract += timed(ext)
         finally:
             ex.close()
+        return t_plain, t_extract
 
-    # warm-up (and, with --compile, the compilation for the full and the last partial batch shapes)
+    # warm-up (and the compilation for the full and the last partial batch shapes)
     with torch.no_grad():
         m.model.base_model(input_ids=ids[:args.batch].to(device), use_cache=False)
     warm = ActivationCollector(spec, dtype=m.model.dtype, device=device, summarize=summarize)
@@ -91,16 +104,18 @@ def main() -> None:
 
     plain_s, extract_s = [], []
     for r in range(args.repeats):
-        plain_s.append(timed(plain))
-        extract_s.append(extract())
-        print(f"repeat {r}: plain {n_tokens / plain_s[-1]:,.0f} tokens/s, "
-              f"extract {n_tokens / extract_s[-1]:,.0f} tokens/s", flush=True)
+        p, e = one_repeat(r)
+        plain_s.append(p)
+        extract_s.append(e)
+        print(f"repeat {r}: plain {n_tokens / p:,.0f} tokens/s, extract {n_tokens / e:,.0f} tokens/s, "
+              f"ratio {p / e:.3f}", flush=True)
     full_s = timed(full_lm)
-    plain_tps = n_tokens / statistics.median(plain_s)
-    extract_tps = n_tokens / statistics.median(extract_s)
+    ratios = [p / e for p, e in zip(plain_s, extract_s)]
+    mid = ratios.index(statistics.median_low(ratios))
+    plain_tps, extract_tps = n_tokens / plain_s[mid], n_tokens / extract_s[mid]
     peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print(f"full LM forward (with head):      {n_tokens / full_s:,.0f} tokens/s (one run, reference)")
-    print(f"plain forward (trunk):            {plain_tps:,.0f} tokens/s (median of {args.repeats})")
+    print(f"plain forward (trunk):            {plain_tps:,.0f} tokens/s (the median repeat of {args.repeats})")
     print(f"forward+capture+summaries (all {m.info.n_layers} layers): {extract_tps:,.0f} tokens/s")
     print(f"peak memory: {peak_rss:,.0f} MiB resident" + (
         f", {torch.cuda.max_memory_allocated() / 2**20:,.0f} MiB GPU" if torch.cuda.is_available() else ""))

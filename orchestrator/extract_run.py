@@ -6,10 +6,14 @@ Steps, each resumable:
 2. Actors (Ray, or one in-process worker) each own a checkpoint slot `_extract/state/slot-NNN/`; after every
    finished chunk the slot's collector is saved and its `head.json` lists the chunks it covers. A rerun reads
    the heads, skips covered chunks, and hands out the rest.
-3. The slots are merged layer by layer and written as `records/layer=L/nAAAAAA-BBBBBB.parquet` (one file per
+3. Quantile records (`records.quantiles`) only: step 2 also saved every chunk's window maxima
+   (`_extract/maxima/`); from their union the driver picks each neuron's quantile windows
+   (`_extract/quantile/picks.pt`), then the actors re-run just the batches holding a picked window, cut as in
+   step 2 so the activations are the same bit for bit, one `_extract/quantile/chunk-NNNNN/` per chunk.
+4. The slots are merged layer by layer and written as `records/layer=L/nAAAAAA-BBBBBB.parquet` (one file per
    block of neurons, rows sorted by neuron, so reading one shard's neurons touches one file) and
    `neuron_stats/layer=L/all.parquet`.
-4. `_extract/complete.json`, last. With it present a rerun does nothing.
+5. `_extract/complete.json`, last. With it present a rerun does nothing.
 """
 from __future__ import annotations
 

@@ -53,14 +53,18 @@ def activation_record(tokens: list[str], activations: list[float]) -> dict:
 
 def neuron_record(layer: int, neuron: int, records: dict[str, list[dict]], stats: dict | None,
                   n_per_quantile: int = 2) -> dict:
-    """A NeuronRecord from our records (each {rank, tokens, activations}, by kind) and stats. Quantile records
-    are grouped into bins of `n_per_quantile` in rank order; skewness, kurtosis and the quantile boundaries are
-    not kept by a sweep and are written as null."""
+    """A NeuronRecord from our records (each {rank, tokens, activations}, by kind) and stats. A quantile record's
+    bin is `rank // n_per_quantile` (extraction ranks them bin-major; a bin may hold fewer than n on a small
+    corpus, or none); skewness, kurtosis and the quantile boundaries are not kept by a sweep: null."""
     def recs(kind):
         return [activation_record(r["tokens"], r["activations"]) for r in sorted(records.get(kind, []),
                                                                                   key=lambda r: r["rank"])]
-    quantile = recs("quantile")
-    bins = [quantile[i:i + n_per_quantile] for i in range(0, len(quantile), n_per_quantile)] or None
+    quantile = sorted(records.get("quantile", []), key=lambda r: r["rank"])
+    bins = None
+    if quantile:
+        bins = [[] for _ in range(max(r["rank"] for r in quantile) // n_per_quantile + 1)]
+        for r in quantile:
+            bins[r["rank"] // n_per_quantile].append(activation_record(r["tokens"], r["activations"]))
     stats = stats or {}
     return _dc("NeuronRecord", neuron_id=_dc("NeuronId", layer_index=layer, neuron_index=neuron),
                random_sample=recs("random"), random_sample_by_quantile=bins, quantile_boundaries=None,
@@ -235,11 +239,15 @@ def import_openai(src: str | Path, store: RunStore, *, n_layers: int | None = No
         rec_rows, stat_rows, kinds = [], [], {}
         for neuron, path in _numbered(layer_dir):
             doc = json.loads(path.read_text())
+            bins = doc.get("random_sample_by_quantile") or []
+            per_bin = max((len(b) for b in bins), default=0)
             by_kind = {"top": doc.get("most_positive_activation_records") or [],
                        "random": doc.get("random_sample") or [],
-                       "quantile": [r for b in (doc.get("random_sample_by_quantile") or []) for r in b]}
+                       "quantile": [r for b in bins for r in b]}
+            ranks = {"quantile": [i * per_bin + j for i, b in enumerate(bins) for j in range(len(b))]}
             for kind, recs in by_kind.items():
-                for rank, r in enumerate(recs):
+                for i, r in enumerate(recs):
+                    rank = ranks[kind][i] if kind in ranks else i  # quantile: bin-major, as extraction ranks them
                     acts = [0.0 if a is None else float(a) for a in r["activations"]]
                     seq = windows.id_of(r["tokens"])
                     rec_rows.append({"layer": layer, "neuron": neuron, "kind": kind, "rank": rank, "seq_id": seq,

@@ -38,14 +38,25 @@ def tables(store):
 
 
 def assert_same_outputs(a, b):
+    """Outputs of runs whose chunks ran in different processes. fp32 CPU kernels can round differently from one
+    process to the next (up to ~1e-5 relative seen), which may reorder windows whose maxima tie exactly in one run (layer 0
+    of windows that start with the same token); so a different seq_id is accepted only between near-equal
+    maxima, and, for quantile records, where a near-tie moved a window across a bin boundary (rarely)."""
     (ra, sa), (rb, sb) = tables(a), tables(b)
-    assert ra.drop_columns(["activations"]).equals(rb.drop_columns(["activations"]))
-    np.testing.assert_allclose(np.array(ra["activations"].to_pylist()), np.array(rb["activations"].to_pylist()),
-                               rtol=1e-6, atol=1e-7)
-    for col in ("layer", "neuron", "max", "n_tokens", "frac_positive"):
+    key = ["layer", "neuron", "kind", "rank"]
+    assert ra.select(key).equals(rb.select(key))
+    ma, mb = ra["max_activation"].to_numpy(), rb["max_activation"].to_numpy()
+    same = ra["seq_id"].to_numpy() == rb["seq_id"].to_numpy()
+    quantile = np.array(ra["kind"].to_pylist()) == "quantile"
+    np.testing.assert_allclose(ma[~quantile | same], mb[~quantile | same], rtol=1e-4, atol=1e-5)
+    assert (~quantile & ~same).sum() <= 0.02 * (~quantile).sum()  # ties are rare beyond layer 0's first token
+    assert (quantile & ~same).sum() <= 0.02 * max(quantile.sum(), 1)
+    acts_a, acts_b = np.array(ra["activations"].to_pylist()), np.array(rb["activations"].to_pylist())
+    np.testing.assert_allclose(acts_a[same], acts_b[same], rtol=1e-4, atol=1e-5)
+    for col in ("layer", "neuron", "n_tokens", "frac_positive"):
         assert sa[col].equals(sb[col])
-    np.testing.assert_allclose(sa["mean"].to_numpy(), sb["mean"].to_numpy(), rtol=1e-9, atol=1e-12)
-    np.testing.assert_allclose(sa["variance"].to_numpy(), sb["variance"].to_numpy(), rtol=1e-9, atol=1e-12)
+    for col in ("max", "mean", "variance"):
+        np.testing.assert_allclose(sa[col].to_numpy(), sb[col].to_numpy(), rtol=1e-4, atol=1e-6)
 
 
 @pytest.fixture(scope="module")
@@ -114,8 +125,10 @@ def test_reading_a_neuron_range_opens_only_its_files(tmp_path, monkeypatch):
 
 def test_quantile_records_equal_brute_force_and_the_quantile_pass_resumes(tmp_path, tiny_llama, monkeypatch):
     """120 windows (bins of 60, 48, 11 and 1 windows), chunks of 32 cut into batches of 7: every activation
-    materialised over the same batches, the quantile bins and hash picks computed the slow way."""
-    from workers.extract import ExtractWorker, quantile_picks_py
+    materialised over the same batches; the quantile bins and hash picks computed the slow way from the first
+    pass's window maxima, which must equal the brute-force ones; the second pass's activations must reproduce
+    those maxima bit for bit."""
+    from workers.extract import ExtractWorker, load_layer_maxima, quantile_picks_py
     cfg = config(tmp_path, model={"name": "tiny-llama", "batch_size": 7}, corpus={"seq_len": 8, "max_windows": 120},
                  records={"n_per_quantile": 2})
     store = RunStore.open(str(tmp_path), create=True)
@@ -135,14 +148,18 @@ def test_quantile_records_equal_brute_force_and_the_quantile_pass_resumes(tmp_pa
     for r in rec:
         got.setdefault((r["layer"], r["neuron"]), []).append(r)
     for layer in (0, 1):
-        full = np.concatenate(acts[layer])  # [120, 8, 64]
-        maxima = full.max(axis=1)
+        full = np.concatenate(acts[layer])  # [120, 8, 64], brute force
+        seq, saved = load_layer_maxima(store, layer, range(4))  # the first pass's window maxima
+        first_pass = np.zeros((120, 64), dtype=np.float32)
+        first_pass[seq.numpy()] = saved.float().numpy()
+        np.testing.assert_allclose(first_pass, full.max(axis=1), rtol=1e-5, atol=1e-6)
         for n in range(64):
-            want = quantile_picks_py(3, layer, n, list(range(120)), maxima[:, n].tolist(), 2)
+            want = quantile_picks_py(3, layer, n, list(range(120)), first_pass[:, n].tolist(), 2)
             rows = got[(layer, n)]
             assert [(r["rank"], r["seq_id"]) for r in rows] == want and len(want) == 7
-            for r in rows:  # same batches as the first pass: bit for bit
-                assert r["activations"] == full[r["seq_id"], :, n].tolist()
+            for r in rows:
+                np.testing.assert_allclose(r["activations"], full[r["seq_id"], :, n], rtol=1e-5, atol=1e-6)
+                assert r["max_activation"] == first_pass[r["seq_id"], n]  # the quantile pass: bit for bit
     # the quantile pass resumes by chunk: drop one chunk's output and the finished marks, run again
     before = tables(store)
     store.fs.delete_dir(store.path("_extract/quantile/chunk-00001"))
@@ -188,6 +205,19 @@ def test_a_partial_run_with_other_settings_is_refused(tmp_path):
     extract_run.checked_plan(config(tmp_path), store, _info(), [0, 1], 8)
     with pytest.raises(ExtractError, match=r"other settings \(top_k: 4 there, 8 now\)"):
         extract_run.checked_plan(config(tmp_path, records={"top_k": 8, "n_per_split": 1}), store, _info(), [0, 1], 8)
+
+
+def test_a_partial_run_without_quantiles_is_not_continued_with_them(tmp_path):
+    """Its finished chunks saved no window maxima; a plan from before quantile records existed means 'off'."""
+    from workers.extract import ExtractError
+    store = RunStore.open(str(tmp_path), create=True)
+    plan = extract_run.checked_plan(config(tmp_path, records={"quantiles": False}), store, _info(), [0, 1], 8)
+    store.write_json(extract_run.PLAN_FILE, {k: v for k, v in plan.items() if "quantile" not in k})
+    assert extract_run.checked_plan(config(tmp_path, records={"quantiles": False, "n_per_quantile": 5}), store,
+                                    _info(), [0, 1], 8)["layers"] == [0, 1]
+    with pytest.raises(ExtractError, match=r"other settings \(quantiles, n_per_quantile: "
+                                           r"False there, True now, 2 there, 1 now\)"):
+        extract_run.checked_plan(config(tmp_path), store, _info(), [0, 1], 8)
 
 
 def _info():

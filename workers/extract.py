@@ -7,7 +7,10 @@ once (no Python loop over neurons):
   per neuron, by Floyd's algorithm driven by a hash of (seed, layer, neuron, draw). The sample is fixed before
   the first batch (it needs only the corpus' seq ids), so a batch copies just the windows that are in it and
   slices of the corpus merge by union. Records are ranked by a second hash of (seed, layer, neuron, seq_id);
-- running mean / variance (Chan's parallel formula, float64), max, count of tokens > 0, token count.
+- running mean / variance (Chan's parallel formula, float64), max, count of tokens > 0, token count;
+- for quantile records (optional, two passes): every window's maxima, saved per chunk; the picks per quantile
+  bin (`quantile_picks`) come from their union, and `ExtractWorker.process_quantiles` re-runs the batches
+  holding picked windows.
 
 Top records are ranked by one int64 key: the window max as an order-preserving integer in the high half and
 `2**32 - 1 - seq_id` in the low half. Keys are unique per neuron, so "keep the k largest keys" is exact,
@@ -23,9 +26,12 @@ No Ray here: `ExtractWorker` (model + collector + checkpoint files in a run stor
 from __future__ import annotations
 
 import io
+import logging
+import math
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
+from fractions import Fraction
 
 import numpy as np
 import pyarrow as pa
@@ -41,6 +47,12 @@ MIX1, MIX2, GOLDEN = 0xBF58476D1CE4E5B9, 0x94D049BB133111EB, 0x9E3779B97F4A7C15
 DRAW_TAG = 0xD1B54A32D192ED03  # separates the draw stream of Floyd's algorithm from the ranking hash
 PRIORITY_BITS = 31
 PLACEHOLDER_END = INT64_MIN + 2 ** 24  # empty reservoir slots hold distinct keys below this; real keys are above
+QUANTILE_TAG = 0x3C6EF372FE94F82B  # separates the quantile picks' hash from the random records' hashes
+# quantile bins of the window maxima (SPEC §2): [0, 0.5), [0.5, 0.9), [0.9, 0.99), [0.99, 0.999)
+QUANTILE_EDGES = (Fraction(0), Fraction(1, 2), Fraction(9, 10), Fraction(99, 100), Fraction(999, 1000))
+N_QUANTILE_BINS = len(QUANTILE_EDGES) - 1
+
+log = logging.getLogger(__name__)
 
 
 class ExtractError(ValueError):
@@ -133,6 +145,52 @@ def _rank_priorities(salts: torch.Tensor, seq: torch.Tensor) -> torch.Tensor:
     return _shr(mix64(salts[:, None] + seq * _signed(GOLDEN)), 64 - PRIORITY_BITS)
 
 
+def quantile_bin_bounds(n_windows: int) -> list[tuple[int, int]]:
+    """Each quantile bin as positions [start, end) among a neuron's W windows sorted by window max, ascending:
+    the window at position p has quantile p / W (the fraction of windows below it), exact in integers."""
+    cut = [math.ceil(edge * n_windows) for edge in QUANTILE_EDGES]
+    return list(zip(cut[:-1], cut[1:]))
+
+
+def quantile_priority_py(seed: int, layer: int, neuron: int, seq_id: int) -> int:
+    """The pick key of a window within its quantile bin: smaller is picked first (the slow reference)."""
+    salt = neuron_salt_py(seed, layer, neuron) ^ QUANTILE_TAG
+    return mix64_py(salt + seq_id * GOLDEN) >> (64 - PRIORITY_BITS)
+
+
+def quantile_picks_py(seed: int, layer: int, neuron: int, seq_ids: Sequence[int], maxima: Sequence[float],
+                      n_per_quantile: int) -> list[tuple[int, int]]:
+    """The slow reference: (rank, seq_id) of one neuron's quantile records. Windows are ordered by window max,
+    ascending, ties by higher seq_id first (the top records' order reversed); each bin keeps its
+    `n_per_quantile` windows of smallest (priority, seq_id); rank = bin * n_per_quantile + i."""
+    order = sorted(range(len(seq_ids)), key=lambda i: (maxima[i] + 0.0, -seq_ids[i]))
+    out = []
+    for b, (start, end) in enumerate(quantile_bin_bounds(len(seq_ids))):
+        members = [seq_ids[i] for i in order[start:end]]
+        chosen = sorted(members, key=lambda s: (quantile_priority_py(seed, layer, neuron, s), s))[:n_per_quantile]
+        out += [(b * n_per_quantile + i, s) for i, s in enumerate(chosen)]
+    return out
+
+
+def quantile_picks(seed: int, layer: int, seq_ids: torch.Tensor, maxima: torch.Tensor,
+                   n_per_quantile: int) -> torch.Tensor:
+    """[W] seq ids and their [W, N] window maxima -> [N, bins * n_per_quantile] picked seq ids, column = rank,
+    -1 where a bin has fewer windows (= `quantile_picks_py` per neuron). Memory: a few [N, W] int64."""
+    seq_ids = seq_ids.to(torch.int64)
+    n_neurons = maxima.shape[1]
+    order = pack_keys(float_order_key(maxima.T), seq_ids).argsort(dim=1)  # keys are unique per neuron
+    salts = neuron_salts(seed, layer, n_neurons, maxima.device) ^ _signed(QUANTILE_TAG)
+    prio = random_priorities(salts, seq_ids.to(maxima.device))
+    pick_keys = (prio * (2 ** 32) + seq_ids[None, :].to(prio.device)).gather(1, order)  # smaller is picked first
+    out = torch.full((n_neurons, N_QUANTILE_BINS * n_per_quantile), -1, dtype=torch.int64)
+    for b, (start, end) in enumerate(quantile_bin_bounds(len(seq_ids))):
+        m = min(n_per_quantile, end - start)
+        if m:
+            chosen = pick_keys[:, start:end].topk(m, dim=1, largest=False, sorted=True).values
+            out[:, b * n_per_quantile:b * n_per_quantile + m] = (chosen & LOW_MASK).cpu()
+    return out
+
+
 def float_order_key(x: torch.Tensor) -> torch.Tensor:
     """float32 -> int64 in the int32 range with the same order (-0.0 counts as +0.0)."""
     bits = (x.float() + 0.0).view(torch.int32).to(torch.int64)
@@ -168,8 +226,30 @@ def window_summaries(x: torch.Tensor, seq_ids: torch.Tensor, floor: torch.Tensor
 
 
 def compiled_summaries():
-    """`window_summaries` fused into one kernel by torch.compile (~5-30 s to compile per batch shape)."""
-    return torch.compile(window_summaries, dynamic=False)
+    """`window_summaries` fused into one kernel by torch.compile (~5-30 s to compile per batch shape). Where
+    compiling fails (no C compiler, an unsupported device), it warns once and runs `window_summaries` eagerly."""
+    try:
+        fused = torch.compile(window_summaries, dynamic=False)
+    except Exception as e:  # noqa: BLE001 - any failure of the optional fusion means: run eagerly
+        return _eager_after(e)
+    current = [fused]
+
+    def summarize(*args):
+        if current[0] is window_summaries:
+            return window_summaries(*args)
+        try:
+            return current[0](*args)
+        except Exception as e:  # noqa: BLE001 - compile errors surface on the first call
+            current[0] = _eager_after(e)
+            return window_summaries(*args)
+    return summarize
+
+
+def _eager_after(error: Exception):
+    first = (str(error).strip().splitlines() or [""])[0][:200]
+    log.warning("torch.compile of the per-window reductions failed (%s: %s); running them eagerly",
+                type(error).__name__, first)
+    return window_summaries
 
 
 # --- reservoirs and stats -------------------------------------------------------------------------------------
@@ -599,6 +679,19 @@ class ActivationExtractor:
             self.run_batch(token_ids[i:i + batch_size], seq_ids[i:i + batch_size])
 
 
+class LayerCapture:
+    """Stands in for a collector in `ActivationExtractor`: keeps each hooked layer's activations of the last
+    batch (the quantile pass copies a few windows out of them)."""
+
+    def __init__(self, layers: Iterable[int]):
+        self.layers = dict.fromkeys(layers)
+        self.acts: dict[int, torch.Tensor] = {}
+        self.n_windows = 0
+
+    def update(self, layer: int, x: torch.Tensor, seq_ids: torch.Tensor) -> None:
+        self.acts[layer] = x
+
+
 def wants_compile(spec: CollectorSpec, device) -> bool:
     """Fuse the per-window reductions with torch.compile where it pays: a GPU, or a real-sized model on a CPU
     (the compile takes seconds; the tiny test models run eagerly)."""
@@ -643,6 +736,35 @@ def load_collector(store, slot: int, collector: ActivationCollector, layers: Ite
         state = tensor_load(read_bytes(store, f"{checkpoint_dir(slot)}/gen-{head['gen']}/layer-{layer}.pt"))
         collector.layers[layer].load_state_dict(state)
     return True
+
+
+def maxima_file(chunk: int, layer: int) -> str:
+    """Window maxima of one chunk and layer (quantile records only): {"seq_id": [w], "maxima": [w, N]}."""
+    return f"_extract/maxima/chunk-{chunk:05d}/layer-{layer:03d}.pt"
+
+
+QUANTILE_PICKS = "_extract/quantile/picks.pt"
+
+
+def quantile_chunk_dir(chunk: int) -> str:
+    """The quantile pass's output for one chunk: layer-LLL.pt rows, then done.json."""
+    return f"_extract/quantile/chunk-{chunk:05d}"
+
+
+def load_layer_maxima(store, layer: int, chunks: Iterable[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(seq ids [W], window maxima [W, N]) of one layer over the given chunks (their union is exact)."""
+    parts = [tensor_load(read_bytes(store, maxima_file(c, layer))) for c in chunks]
+    return torch.cat([p["seq_id"] for p in parts]), torch.cat([p["maxima"] for p in parts])
+
+
+def picks_in_chunk(picks: torch.Tensor, seq_ids: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """[N, R] picked seq ids (-1: none) and a chunk's [w] seq ids -> (neuron, rank, seq_id, position in the
+    chunk) of every pick that falls in the chunk."""
+    hit = torch.isin(picks, seq_ids)
+    neuron, rank = hit.nonzero(as_tuple=True)
+    seq = picks[neuron, rank]
+    by_seq, perm = seq_ids.sort()
+    return neuron, rank, seq, perm[torch.searchsorted(by_seq, seq)]
 
 
 def tensor_bytes(obj) -> bytes:
@@ -699,6 +821,7 @@ class ExtractWorker:
     device: str = "auto"
     compile: bool | None = None  # None: `wants_compile`
     loaded: object = field(default=None, repr=False)
+    _picks: dict | None = field(default=None, init=False, repr=False)
 
     def __post_init__(self):
         from workers.models import load_subject
@@ -720,7 +843,47 @@ class ExtractWorker:
             return ChunkResult(chunk, 0, 0, 0.0, skipped=True)
         t0 = time.perf_counter()
         token_ids, seq_ids = read_chunk(self.store, chunk)
+        for c in self.collector.layers.values():
+            c.take_maxima()  # a chunk retried in this process starts with none
         self.extractor.run(token_ids, seq_ids, self.batch_size)
+        if self.spec.keep_maxima:  # written before the checkpoint that marks the chunk done
+            for layer, c in self.collector.layers.items():
+                seq, wmax = c.take_maxima()
+                self.store.write_bytes(maxima_file(chunk, layer), tensor_bytes({"seq_id": seq, "maxima": wmax}))
         self.collector.done_chunks.add(chunk)
         save_collector(self.store, self.slot, self.collector)
         return ChunkResult(chunk, len(seq_ids), token_ids.numel(), time.perf_counter() - t0)
+
+    def process_quantiles(self, chunk: int) -> ChunkResult:
+        """The quantile pass over one chunk: re-run only the batches holding a picked window (`QUANTILE_PICKS`),
+        cut exactly as in the first pass, so the activations equal the first pass's bit for bit; write the
+        picked windows' activations per layer, then `done.json`."""
+        out = quantile_chunk_dir(chunk)
+        if self.store.exists(f"{out}/done.json"):
+            return ChunkResult(chunk, 0, 0, 0.0, skipped=True)
+        t0 = time.perf_counter()
+        if self._picks is None:
+            self._picks = tensor_load(read_bytes(self.store, QUANTILE_PICKS))["picks"]
+        token_ids, seq_ids = read_chunk(self.store, chunk)
+        wanted = {layer: picks_in_chunk(p, seq_ids) for layer, p in self._picks.items()}
+        acts = {layer: torch.zeros(len(w[0]), self.spec.seq_len) for layer, w in wanted.items()}
+        bs = self.batch_size
+        batches = sorted({int(b) for w in wanted.values() for b in (w[3] // bs).tolist()})
+        capture = LayerCapture(self._picks)
+        extractor = ActivationExtractor(self.loaded, capture)
+        try:
+            for b in batches:
+                lo = b * bs
+                extractor.run_batch(token_ids[lo:lo + bs], seq_ids[lo:lo + bs])
+                for layer, (neuron, _, _, pos) in wanted.items():
+                    sel = (pos // bs == b).nonzero(as_tuple=True)[0]
+                    x = capture.acts[layer]
+                    acts[layer][sel] = x[(pos[sel] - lo).to(x.device), :, neuron[sel].to(x.device)].float().cpu()
+        finally:
+            extractor.close()
+        for layer, (neuron, rank, seq, _) in wanted.items():
+            self.store.write_bytes(f"{out}/layer-{layer:03d}.pt", tensor_bytes(
+                {"neuron": neuron, "rank": rank, "seq_id": seq, "acts": acts[layer]}))
+        windows = sum(len(seq_ids[b * bs:(b + 1) * bs]) for b in batches)
+        self.store.write_json(f"{out}/done.json", {"windows_rerun": windows})
+        return ChunkResult(chunk, windows, windows * self.spec.seq_len, time.perf_counter() - t0)

@@ -1,7 +1,7 @@
 """The extraction actor: a thin Ray wrapper around `workers.extract.ExtractWorker`.
 
 It loads the subject model once, takes corpus chunks one at a time, and checkpoints its collector into the
-run store after each. `max_restarts=-1, max_task_retries=-1`: a restarted actor re-runs `__init__`, which
+run store after each; for quantile records it then re-runs the chunks holding picked windows. `max_restarts=-1, max_task_retries=-1`: a restarted actor re-runs `__init__`, which
 reloads its slot's checkpoint, and a retried chunk it already covers is skipped (RAY_NOTES §1.5).
 """
 from __future__ import annotations
@@ -14,7 +14,7 @@ from workers.extract import ChunkResult, CollectorSpec, ExtractWorker
 @ray.remote(max_restarts=-1, max_task_retries=-1)
 class ExtractActor:
     def __init__(self, model_name: str, spec: CollectorSpec, store, slot: int, batch_size: int, dtype: str,
-                 device: str, compile: bool = False):
+                 device: str, compile: bool | None = None):
         self.worker = ExtractWorker(model_name, spec, store, slot, batch_size=batch_size, dtype=dtype,
                                     device=device, compile=compile)
 
@@ -23,6 +23,9 @@ class ExtractActor:
 
     def process(self, chunk: int) -> ChunkResult:
         return self.worker.process(chunk)
+
+    def process_quantiles(self, chunk: int) -> ChunkResult:
+        return self.worker.process_quantiles(chunk)
 
 
 def actor_options(n_gpus_in_cluster: float) -> dict:
