@@ -206,9 +206,12 @@ def run_sweep(cfg: SweepConfig, env: Mapping[str, str], *, retry_failed: bool = 
     instant = mode.startswith("instant") or mode == "stub"
     secrets = {} if instant else required_secrets(cfg, env)
     store = RunStore.open(cfg.output, s3_options=s3_options, create=True)
-    if instant and not store.exists(EXTRACT_MARKER):
-        store.write_json(EXTRACT_MARKER, {"model": {"name": "imported", "n_layers": _instant_shape(cfg)[0],
-                                                    "n_neurons": _instant_shape(cfg)[1]}, "synthetic": True})
+    if instant and not store.exists(EXTRACT_MARKER):  # synthetic records: the planner takes the shape from here
+        from orchestrator.instant import synthetic_shape
+
+        n_layers, n_neurons = synthetic_shape(cfg)
+        store.write_json(EXTRACT_MARKER, {"model": {"name": "imported", "n_layers": n_layers,
+                                                    "n_neurons": n_neurons}, "synthetic": True})
     plan = prepare_run(cfg, store)
     metrics = metrics or SweepMetrics()
     _set_limits(metrics, cfg)
@@ -361,9 +364,3 @@ def _set_limits(metrics: SweepMetrics, cfg: SweepConfig) -> None:
         b = getattr(cfg, role)
         metrics.tpm_limit.labels(role, b.kind, b.model).set(b.tokens_per_minute)
         metrics.rpm_limit.labels(role, b.kind, b.model).set(b.requests_per_minute)
-
-
-def _instant_shape(cfg: SweepConfig) -> tuple[int, int]:
-    from orchestrator.instant import synthetic_shape
-    return synthetic_shape(cfg)
-
