@@ -54,15 +54,10 @@ class SweepMetrics:
         return start_http_server(port, addr=addr, registry=self.registry)
 
 
-METRIC_NAMES = (
-    "neuronsweep_neurons_planned", "neuronsweep_neurons_total", "neuronsweep_shards_planned",
-    "neuronsweep_shards_committed_total", "neuronsweep_api_requests_total", "neuronsweep_api_tokens_total",
-    "neuronsweep_api_request_duration_seconds", "neuronsweep_ratelimit_wait_seconds",
-    "neuronsweep_api_tokens_per_minute_limit", "neuronsweep_api_requests_per_minute_limit",
-    "neuronsweep_estimated_cost_dollars_total", "neuronsweep_extract_tokens_total",
-    "neuronsweep_extract_tokens_per_second", "neuronsweep_queue_depth", "neuronsweep_eta_seconds",
-    "neuronsweep_neuron_failures_total", "neuronsweep_build_info",
-)
+def metric_catalogue() -> dict[str, str]:
+    """Every driver metric as Prometheus stores it (counters with `_total`) -> its type, derived from the
+    definitions above, so the dashboard checks never drift from what the driver exports."""
+    return {f.name + ("_total" if f.type == "counter" else ""): f.type for f in SweepMetrics().registry.collect()}
 
 
 def failure_reason(error: str | None) -> str:

@@ -12,27 +12,10 @@ from typing import Iterable, Iterator
 
 from prometheus_client.parser import text_string_to_metric_families
 
+from orchestrator.metrics import metric_catalogue
+
 # The driver's metrics as the orchestrator defines them (counters written with their `_total`).
-# tests/test_dashboard.py checks this against orchestrator.metrics.METRIC_NAMES once that module exists.
-PROJECT_METRICS: dict[str, str] = {
-    "neuronsweep_neurons_planned": "gauge",
-    "neuronsweep_neurons_total": "counter",
-    "neuronsweep_shards_planned": "gauge",
-    "neuronsweep_shards_committed_total": "counter",
-    "neuronsweep_api_requests_total": "counter",
-    "neuronsweep_api_tokens_total": "counter",
-    "neuronsweep_api_request_duration_seconds": "histogram",
-    "neuronsweep_ratelimit_wait_seconds": "histogram",
-    "neuronsweep_api_tokens_per_minute_limit": "gauge",
-    "neuronsweep_api_requests_per_minute_limit": "gauge",
-    "neuronsweep_estimated_cost_dollars_total": "counter",
-    "neuronsweep_extract_tokens_total": "counter",
-    "neuronsweep_extract_tokens_per_second": "gauge",
-    "neuronsweep_queue_depth": "gauge",
-    "neuronsweep_eta_seconds": "gauge",
-    "neuronsweep_neuron_failures_total": "counter",
-    "neuronsweep_build_info": "gauge",
-}
+PROJECT_METRICS: dict[str, str] = metric_catalogue()
 
 _SUFFIXES = {
     "counter": ("_total",),

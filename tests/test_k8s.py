@@ -3,8 +3,6 @@ from __future__ import annotations
 
 import copy
 import re
-import shutil
-import subprocess
 
 import pytest
 import ray
@@ -96,21 +94,6 @@ def test_every_ray_start_param_is_a_string(name, kind):
     ray_cluster_spec(bad)["headGroupSpec"]["rayStartParams"]["num-cpus"] = 0
     assert non_string_ray_start_params(bad) == ["head.num-cpus"]
     assert any("rayStartParams.num-cpus" in e and "not of type 'string'" in e for e in validate_manifest(bad))
-
-
-def test_kubectl_reads_the_yaml_anchors_as_pyyaml_does(tmp_path):
-    """The manifests share the image and env through YAML anchors; Go's YAML must expand them the same way."""
-    kubectl = shutil.which("kubectl")
-    if kubectl is None:
-        pytest.skip("kubectl is not installed (the Python-side checks above still ran)")
-    for path in MANIFEST_FILES:
-        shutil.copy(path, tmp_path / path.name)
-    (tmp_path / "kustomization.yaml").write_text(
-        yaml.safe_dump({"resources": [p.name for p in MANIFEST_FILES]}))
-    rendered = subprocess.run([kubectl, "kustomize", str(tmp_path)], capture_output=True, text=True, check=True)
-    by_key = lambda docs: {(d["kind"], d["metadata"]["name"]): d for d in docs}  # noqa: E731
-    ours = by_key(d for p in MANIFEST_FILES for d in load_yaml_documents(p))
-    assert by_key(d for d in yaml.safe_load_all(rendered.stdout) if d) == ours
 
 
 # --- the RayJob's behaviour ----------------------------------------------------------------------------------
