@@ -22,6 +22,8 @@ import time
 from pathlib import Path
 from typing import Iterable
 
+from tenacity import retry, retry_if_exception_type, stop_after_delay, wait_random
+
 from workers.backends.base import ChatResponse, PromptLogprobsResponse, TokenAlternatives, Usage
 
 _SCHEMA = """
@@ -58,6 +60,16 @@ def decode_response(text: str) -> ChatResponse | PromptLogprobsResponse:
     return PromptLogprobsResponse(positions=data["positions"], usage=usage, cached=True)
 
 
+@retry(retry=retry_if_exception_type(sqlite3.OperationalError), stop=stop_after_delay(60),
+       wait=wait_random(0.05, 0.5), reraise=True)
+def _use_wal(db: sqlite3.Connection) -> None:
+    """Switch the file to write-ahead logging (it stays so). Switching needs the file to itself, and SQLite
+    answers "database is locked" at once, without waiting, when another process opens it at that moment (seen
+    when several shard actors start together), hence the retries; a file already in WAL mode is left alone."""
+    if db.execute("PRAGMA journal_mode").fetchone()[0].lower() != "wal":
+        db.execute("PRAGMA journal_mode=WAL")
+
+
 class CallJournal:
     """Thread-safe (one connection behind a lock) and multi-process safe (SQLite file locks)."""
 
@@ -67,7 +79,7 @@ class CallJournal:
         self._lock = threading.Lock()
         self._db = sqlite3.connect(self.path, timeout=60, check_same_thread=False, isolation_level=None)
         self._db.execute("PRAGMA busy_timeout=60000")
-        self._db.execute("PRAGMA journal_mode=WAL")
+        _use_wal(self._db)
         self._db.execute("PRAGMA synchronous=FULL")
         self._db.execute(_SCHEMA)
 
