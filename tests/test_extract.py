@@ -7,8 +7,8 @@ from hypothesis import strategies as st
 
 from schemas.config import Corpus
 from workers.corpus import iter_windows
-from workers.extract import (ActivationCollector, ActivationExtractor, CollectorSpec, TopReservoir, float_order_key,
-                             random_priorities, random_priority_py, random_sample, random_sample_py, tensor_bytes,
+from workers.extract import (ActivationCollector, ActivationExtractor, CollectorSpec, LayerCapture, TopReservoir,
+                             float_order_key, random_priorities, random_priority_py, random_sample, random_sample_py, tensor_bytes,
                              tensor_load)
 
 SEED = 7
@@ -19,16 +19,18 @@ def windows_of(model, n=45, seq_len=16):
     return torch.tensor([w.token_ids for w in ws]), torch.tensor([w.seq_id for w in ws])
 
 
-def all_activations(model, layers, token_ids):
-    """The oracle's input: a plain forward with a hook that keeps every activation."""
-    seen = {}
+def all_activations(model, layers, token_ids, batch_size):
+    """The oracle's input: the model's own forward, batch by batch as the extractor cuts them (other matrix
+    shapes round differently), with a hook that keeps every activation."""
+    seen = {layer: [] for layer in layers}
     hooks = [model.down_proj(layer).register_forward_pre_hook(
-        lambda mod, args, layer=layer: seen.__setitem__(layer, args[0].float().numpy().copy())) for layer in layers]
+        lambda mod, args, layer=layer: seen[layer].append(args[0].float().numpy().copy())) for layer in layers]
     with torch.no_grad():
-        model.model(token_ids)
+        for i in range(0, len(token_ids), batch_size):
+            model.model(token_ids[i:i + batch_size])
     for h in hooks:
         h.remove()
-    return seen
+    return {layer: np.concatenate(parts) for layer, parts in seen.items()}
 
 
 def slow_summary(acts, seq_ids, layer, top_k, n_random, seed=SEED):
@@ -75,16 +77,22 @@ def check_against_oracle(collector, layer, acts, seq_ids, top_k, n_random):
         assert s["variance"] == pytest.approx(w["variance"], rel=1e-4, abs=1e-7)
 
 
+@pytest.mark.parametrize("path", ["fused", "hooked", "fused-background"])
 @pytest.mark.parametrize("fixture", ["tiny_gpt2", "tiny_llama"])
-def test_collector_matches_brute_force_on_a_real_forward(fixture, request):
+def test_collector_matches_brute_force_on_a_real_forward(fixture, path, request, monkeypatch):
+    """Both ways of reading the neurons: the MLP forward with the reductions fused in, and the down
+    projection's pre-hook (families without a known MLP shape); the collector's updates in line or on a
+    worker thread."""
     model = request.getfixturevalue(fixture)
+    if path == "hooked":
+        monkeypatch.setattr(model, "mlp_split", lambda layer: None)
     token_ids, seq_ids = windows_of(model)
     spec = CollectorSpec([0, 1], model.info.n_neurons, 16, top_k=6, n_random=5, seed=SEED, corpus=seq_ids.tolist())
     collector = ActivationCollector(spec)
-    extractor = ActivationExtractor(model, collector)
+    extractor = ActivationExtractor(model, collector, background=path == "fused-background")
     extractor.run(token_ids, seq_ids, batch_size=7)  # uneven batches: 6 x 7 + 3
     extractor.close()
-    acts = all_activations(model, [0, 1], token_ids)
+    acts = all_activations(model, [0, 1], token_ids, batch_size=7)
     for layer in (0, 1):
         check_against_oracle(collector, layer, acts[layer], seq_ids, 6, 5)
     assert collector.n_windows == 45
@@ -102,6 +110,67 @@ def test_only_requested_layers_are_hooked_and_the_forward_stops_after_the_last(t
     assert list(collector.layers) == [0] and calls == []  # layer 1 never ran
     with torch.no_grad():  # and the hooks are gone after close, the model works as before
         tiny_llama.model(token_ids)
+
+
+def test_a_failing_background_update_fails_its_batch(tiny_llama, monkeypatch):
+    token_ids, seq_ids = windows_of(tiny_llama, n=10)
+    collector = ActivationCollector(CollectorSpec([0, 1], 64, 16, 3, 2, SEED, corpus=seq_ids.tolist()))
+    extractor = ActivationExtractor(tiny_llama, collector, background=True)
+    extractor.run_batch(token_ids[:5], seq_ids[:5])
+
+    def broken(*args):
+        raise RuntimeError("disk on fire")
+    monkeypatch.setattr(collector.layers[1].stats, "update", broken)
+    with pytest.raises(RuntimeError, match="disk on fire"):
+        extractor.run_batch(token_ids[5:], seq_ids[5:])
+    assert collector.n_windows == 5  # the failed batch is not counted
+    extractor.close()
+
+
+def test_the_fused_forward_leaves_the_model_as_it_was(tiny_llama):
+    token_ids, seq_ids = windows_of(tiny_llama, n=5)
+    mlp = tiny_llama.model.model.layers[0].mlp
+    with torch.no_grad():
+        want = tiny_llama.model(token_ids).logits
+    spec = CollectorSpec([0, 1], 64, 16, 3, 2, SEED, corpus=seq_ids.tolist())
+    outer = ActivationExtractor(tiny_llama, ActivationCollector(spec))
+    patched = mlp.forward
+    with torch.no_grad():  # a forward that is not the extractor's own runs the model unchanged
+        assert torch.equal(tiny_llama.model(token_ids).logits, want)
+    inner = ActivationExtractor(tiny_llama, LayerCapture([0], 64))  # as the quantile pass opens one
+    inner.run_batch(token_ids, seq_ids)
+    outer.run(token_ids, seq_ids, batch_size=5)  # the outer still records under the inner
+    assert outer.collector.n_windows == 5 and inner.collector.acts[0].shape == (5, 16, 64)
+    inner.close()
+    assert mlp.forward == patched
+    outer.close()
+    assert "forward" not in vars(mlp)
+    with torch.no_grad():
+        assert torch.equal(tiny_llama.model(token_ids).logits, want)
+
+
+def test_the_compiled_fused_path_records_what_the_eager_model_computes(tiny_llama, caplog):
+    """torch.compile fuses the neuron step with the reductions and emulates eager's bf16 roundings, so the
+    records hold the model's own activations, bit for bit (and the summaries agree)."""
+    import copy
+
+    from workers.models import wrap
+    model = wrap(copy.deepcopy(tiny_llama.model).to(torch.bfloat16), tiny_llama.tokenizer, "tiny-llama-bf16")
+    token_ids, seq_ids = windows_of(model, n=24)
+    spec = CollectorSpec([0, 1], 64, 16, top_k=4, n_random=3, seed=SEED, corpus=seq_ids.tolist())
+    tables = {}
+    for compiled in (False, True):
+        collector = ActivationCollector(spec, dtype=torch.bfloat16)
+        extractor = ActivationExtractor(model, collector, compile=compiled)
+        extractor.run(token_ids, seq_ids, batch_size=8)
+        extractor.close()
+        tables[compiled] = [(c.records_table(), c.stats_table()) for c in collector.layers.values()]
+    assert "running them eagerly" not in caplog.text  # it did compile
+    for (rec_eager, stats_eager), (rec_compiled, stats_compiled) in zip(tables[False], tables[True]):
+        assert rec_compiled.equals(rec_eager)
+        for col in ("mean", "variance", "max", "frac_positive"):
+            np.testing.assert_allclose(stats_compiled.column(col).to_numpy(), stats_eager.column(col).to_numpy(),
+                                       rtol=1e-6, atol=1e-9)
 
 
 def synthetic(n_windows, seq_len, n_neurons, seed, levels=4):

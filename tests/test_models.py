@@ -1,8 +1,8 @@
 import pytest
 import torch
 
-from workers.models import (ARCHITECTURES, ModelLoadError, architecture_of, down_proj_modules, load_model,
-                            model_info, tiny_model, wrap)
+from workers.models import (ARCHITECTURES, MLP_SHAPES, ModelLoadError, architecture_of, down_proj_modules,
+                            load_model, mlp_split, model_info, tiny_model, wrap)
 
 
 @pytest.mark.parametrize("kind", ["gpt2", "llama"])
@@ -40,27 +40,62 @@ def test_registry_covers_the_required_families():
         assert family in ARCHITECTURES
 
 
-@pytest.mark.parametrize("family, cfg_kw", [
+_GQA = dict(hidden_size=16, intermediate_size=24, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
+            vocab_size=50)
+FAMILIES = [
     ("gpt_neox", dict(hidden_size=16, intermediate_size=48, num_hidden_layers=2, num_attention_heads=2, vocab_size=50)),
     ("opt", dict(hidden_size=16, ffn_dim=40, num_hidden_layers=2, num_attention_heads=2, vocab_size=50,
                  word_embed_proj_dim=16)),
     ("gptj", dict(n_embd=16, n_layer=3, n_head=2, vocab_size=50, rotary_dim=4)),
-    ("mistral", dict(hidden_size=16, intermediate_size=24, num_hidden_layers=2, num_attention_heads=2,
-                     num_key_value_heads=1, vocab_size=50)),
-    ("qwen2", dict(hidden_size=16, intermediate_size=24, num_hidden_layers=2, num_attention_heads=2,
-                   num_key_value_heads=1, vocab_size=50)),
-    ("gemma", dict(hidden_size=16, intermediate_size=24, num_hidden_layers=2, num_attention_heads=2,
-                   num_key_value_heads=1, head_dim=8, vocab_size=50)),
-])
-def test_every_family_resolves_to_its_down_projection(family, cfg_kw):
+    ("gpt2", dict(n_embd=16, n_layer=2, n_head=2, n_inner=40, vocab_size=50)),
+    ("llama", _GQA),
+    ("mistral", _GQA),
+    ("qwen2", _GQA),
+    ("qwen3", dict(_GQA, head_dim=8)),
+    ("gemma", dict(_GQA, head_dim=8)),
+    ("gemma2", dict(_GQA, head_dim=8)),
+    ("gemma3_text", dict(_GQA, head_dim=8)),
+    ("phi3", dict(_GQA, pad_token_id=0)),
+]
+
+
+def family_model(family, cfg_kw):
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    config = AutoConfig.for_model(family, **cfg_kw)
-    model = AutoModelForCausalLM.from_config(config)
+    torch.manual_seed(0)
+    return AutoModelForCausalLM.from_config(AutoConfig.for_model(family, **cfg_kw)).eval()
+
+
+@pytest.mark.parametrize("family, cfg_kw", FAMILIES)
+def test_every_family_resolves_to_its_down_projection(family, cfg_kw):
+    model = family_model(family, cfg_kw)
     info = wrap(model, None, family).info
     projs = down_proj_modules(model)
     assert len(projs) == info.n_layers == cfg_kw.get("num_hidden_layers", cfg_kw.get("n_layer"))
-    assert projs[0].in_features == info.n_neurons  # the hook's input width is the neuron count
+    in_width = projs[0].nx if family == "gpt2" else projs[0].in_features  # GPT-2's Conv1D names it nx
+    assert in_width == info.n_neurons  # the hook's input width is the neuron count
+
+
+@pytest.mark.parametrize("family, cfg_kw", FAMILIES)
+def test_the_mlp_split_computes_what_the_block_does(family, cfg_kw):
+    """Extraction replaces a block's forward by inputs -> elementwise -> output: the neurons must be the down
+    projection's input and the block's output unchanged, bit for bit."""
+    model = family_model(family, cfg_kw)
+    for layer, proj in enumerate(down_proj_modules(model)):
+        split = mlp_split(model, layer)
+        if family not in MLP_SHAPES:
+            assert split is None  # read through the pre-hook instead
+            continue
+        x = torch.randn(2, 3, model.config.hidden_size)
+        seen = []
+        hook = proj.register_forward_pre_hook(lambda m, args: seen.append(args[0]))
+        with torch.no_grad():
+            want = split.module(x)
+            acts = split.elementwise(*split.inputs(x))
+            got = split.output(acts)
+        hook.remove()
+        assert len(seen) == 2  # the block's forward, then `output`, both through the down projection
+        assert torch.equal(acts, seen[0]) and torch.equal(got, want)
 
 
 def test_unsupported_architecture_lists_supported():

@@ -30,6 +30,7 @@ import logging
 import math
 import time
 from collections.abc import Iterable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from fractions import Fraction
 
@@ -225,31 +226,56 @@ def window_summaries(x: torch.Tensor, seq_ids: torch.Tensor, floor: torch.Tensor
     return keys, enter, enter.sum(1), wmax, mean_b, m2_b, npos
 
 
-def compiled_summaries():
-    """`window_summaries` fused into one kernel by torch.compile (~5-30 s to compile per batch shape). Where
-    compiling fails (no C compiler, an unsupported device), it warns once and runs `window_summaries` eagerly."""
+# Inductor computes a chain of elementwise ops in float32 and rounds once; eager PyTorch rounds after every op.
+# Emulating eager's roundings keeps compiled activations equal to the model's own, bit for bit in bf16.
+COMPILE_OPTIONS = {"emulate_precision_casts": True}
+
+
+def compile_or_eager(fn):
+    """`fn` compiled by torch.compile (~5-30 s per batch shape), as a callable that falls back to running `fn`
+    eagerly, with one warning, where compiling fails (no C compiler, an unsupported device)."""
     try:
-        fused = torch.compile(window_summaries, dynamic=False)
+        fused = torch.compile(fn, dynamic=False, options=COMPILE_OPTIONS)
     except Exception as e:  # noqa: BLE001 - any failure of the optional fusion means: run eagerly
-        return _eager_after(e)
+        _warn_eager(e)
+        return fn
     current = [fused]
 
-    def summarize(*args):
-        if current[0] is window_summaries:
-            return window_summaries(*args)
+    def call(*args):
+        if current[0] is fn:
+            return fn(*args)
         try:
             return current[0](*args)
         except Exception as e:  # noqa: BLE001 - compile errors surface on the first call
-            current[0] = _eager_after(e)
-            return window_summaries(*args)
-    return summarize
+            current[0] = fn
+            _warn_eager(e)
+            return fn(*args)
+    return call
 
 
-def _eager_after(error: Exception):
+def compiled_summaries():
+    """`window_summaries` fused into one kernel (for families read through the down projection's pre-hook)."""
+    return compile_or_eager(window_summaries)
+
+
+def fused_capture(kind: str, act: torch.nn.Module, compile: bool):
+    """The MLP's neuron step and `window_summaries` as one function: (inputs, seq_ids, floor) -> (activations,
+    *summaries). Compiled, the reductions read each activation while it is computed instead of from memory
+    afterwards, and the step itself is one kernel instead of eager's one per op."""
+    from workers.models import elementwise_of
+
+    elementwise = elementwise_of(kind, act)
+
+    def capture(inputs, seq_ids, floor):
+        h = elementwise(*inputs)
+        return (h, *window_summaries(h, seq_ids, floor))
+    return compile_or_eager(capture) if compile else capture
+
+
+def _warn_eager(error: Exception) -> None:
     first = (str(error).strip().splitlines() or [""])[0][:200]
     log.warning("torch.compile of the per-window reductions failed (%s: %s); running them eagerly",
                 type(error).__name__, first)
-    return window_summaries
 
 
 # --- reservoirs and stats -------------------------------------------------------------------------------------
@@ -263,8 +289,9 @@ class TopReservoir:
     `capacity` slots per neuron (k plus spares) and a per-neuron `floor`: every key >= floor is live, and the
     k largest live keys are the k largest keys offered so far. A window enters iff its key >= floor, into a
     free slot (key < floor) popped from the neuron's stack of free slots. When a neuron has too few free slots,
-    the floor is raised to its k-th largest key (a top-k over the slots), which frees all but k slots; after
-    the first batches that is rare, so a batch costs a compare and copies of the windows above the floor."""
+    that neuron's floor is raised to its k-th largest key (a top-k over its slots), which frees all but k slots;
+    after the first batches that is rare, so a batch costs a compare and copies of the windows above the floor.
+    The copies go by flat indices into contiguous rows: on a CPU the per-entry cost is what a batch pays."""
 
     def __init__(self, n_neurons: int, k: int, seq_len: int, dtype: torch.dtype, device, spare: int | None = None):
         self.k = k
@@ -291,17 +318,41 @@ class TopReservoir:
         if not bool(n_enter.any()):
             return
         if bool((n_enter > self.n_free).any()):
-            self.floor = torch.cat([self.keys, cand], dim=1).topk(self.k, dim=1).values[:, -1:]
-            self._rebuild_free()
+            self._raise_floor()
             enter = cand >= self.floor
             n_enter = enter.sum(1)
+            if bool((n_enter > self.n_free).any()):  # more entering windows than spare slots (batch > spare)
+                self._make_room(cand, n_enter)
+                enter = cand >= self.floor
+                n_enter = enter.sum(1)
         enter_n, enter_b = enter.nonzero(as_tuple=True)  # row-major
-        first = n_enter.cumsum(0) - n_enter  # index in enter_n of each neuron's first entering window
-        j = torch.arange(enter_n.numel(), device=enter_n.device) - first[enter_n]
-        slot = self.free_slots[enter_n, self.n_free[enter_n] - 1 - j]
-        self.n_free = self.n_free - n_enter
-        self.keys[enter_n, slot] = cand[enter_n, enter_b]
-        self.acts[enter_n, slot] = x[enter_b, :, enter_n].to(self.acts.dtype)
+        # the i-th of all entering windows, the j-th of its neuron n, takes the free slot at stack position
+        # n_free[n] - 1 - j = (n_free[n] - 1 + (index of n's first entering window)) - i
+        top = self.n_free - 1 + (n_enter.cumsum(0) - n_enter)
+        pos = top[enter_n] - torch.arange(enter_n.numel(), device=enter_n.device)
+        row = enter_n * self.capacity
+        flat = row + self.free_slots.view(-1)[row + pos]  # into keys / acts viewed as [N * capacity, ...]
+        self.n_free -= n_enter
+        self.keys.view(-1)[flat] = cand[enter_n, enter_b]
+        self.acts.view(-1, self.acts.shape[2]).index_copy_(
+            0, flat, x.permute(2, 0, 1)[enter_n, enter_b].to(self.acts.dtype))
+
+    def _raise_floor(self) -> None:
+        """Every neuron's floor up to its k-th largest key, from one sort that also orders the free slots."""
+        keys, order = self.keys.sort(dim=1)
+        self.floor = torch.maximum(self.floor, keys[:, -self.k:-self.k + 1] if self.k > 1 else keys[:, -1:])
+        self.free_slots = order
+        self.n_free = (keys < self.floor).sum(1)
+
+    def _make_room(self, cand: torch.Tensor, n_enter: torch.Tensor) -> None:
+        """Raise the floor of the neurons whose free slots cannot take this batch's entering windows to their
+        k-th largest key among the slots and the batch, and refill their stacks of free slots."""
+        rows = (n_enter > self.n_free).nonzero().squeeze(1)
+        keys = self.keys[rows]
+        floor = torch.cat([keys, cand[rows]], dim=1).topk(self.k, dim=1).values[:, -1:]
+        self.floor[rows] = floor
+        self.free_slots[rows] = keys.argsort(dim=1)  # ascending: the keys below the floor come first
+        self.n_free[rows] = (keys < floor).sum(1)
 
     def sorted(self) -> tuple[torch.Tensor, torch.Tensor, int]:
         """(keys [N, k], acts [N, k, T]) largest key first, and how many are real windows."""
@@ -362,8 +413,9 @@ class RandomRecords:
 
     def fill(self, n: torch.Tensor, r: torch.Tensor, b: torch.Tensor, x: torch.Tensor) -> None:
         """Record x[b, :, n] as random record r of neuron n (for each triple)."""
-        self.acts[n, r] = x[b, :, n].to(self.acts.dtype)
-        self.filled[n, r] = True
+        flat = n * self.seq.shape[1] + r
+        self.acts.view(-1, self.acts.shape[2]).index_copy_(0, flat, x.permute(2, 0, 1)[n, b].to(self.acts.dtype))
+        self.filled.view(-1)[flat] = True
 
     def merge(self, other: "RandomRecords") -> None:
         dev = self.seq.device
@@ -443,14 +495,18 @@ class LayerCollector:
         self.keep_maxima = spec.keep_maxima
         self.maxima: list[tuple[torch.Tensor, torch.Tensor]] = []  # (seq ids, window maxima [B, N]) since taken
 
-    def update(self, x: torch.Tensor, seq_ids: torch.Tensor, summarize=window_summaries, random_hits=None) -> None:
+    def update(self, x: torch.Tensor, seq_ids: torch.Tensor, summarize=window_summaries, random_hits=None,
+               summaries: Sequence[torch.Tensor] | None = None) -> None:
         """x [B, T, N]: this layer's neuron activations on a batch of windows with the given seq ids.
         `random_hits`: (neuron, rank, batch index) of this layer's random records in the batch, when the caller
-        looked them up for all layers at once."""
+        looked them up for all layers at once. `summaries`: `window_summaries` of x against this layer's
+        floor, when the caller computed them already (fused into the MLP's forward)."""
         if x.shape[1:] != (self.seq_len, self.n_neurons):
             raise ExtractError(f"layer {self.layer}: activations of shape {tuple(x.shape)}, expected "
                                f"[batch, {self.seq_len}, {self.n_neurons}]")
-        keys, enter, n_enter, wmax, mean_b, m2_b, npos = summarize(x, seq_ids, self.top.floor)
+        if summaries is None:
+            summaries = summarize(x, seq_ids, self.top.floor)
+        keys, enter, n_enter, wmax, mean_b, m2_b, npos = summaries
         self.stats.update(x.shape[0] * x.shape[1], mean_b, m2_b, npos, wmax.amax(0))
         self.top.offer(keys, x, enter, n_enter)
         if random_hits is None:
@@ -579,10 +635,15 @@ class ActivationCollector:
         self._hits: dict[int, tuple] = {}
         self._index: tuple | None = None
 
-    def update(self, layer: int, x: torch.Tensor, seq_ids: torch.Tensor) -> None:
+    def update(self, layer: int, x: torch.Tensor, seq_ids: torch.Tensor,
+               summaries: Sequence[torch.Tensor] | None = None) -> None:
         if seq_ids is not self._hits_for:
             self._hits, self._hits_for = self._random_hits(seq_ids), seq_ids
-        self.layers[layer].update(x, seq_ids, self.summarize, self._hits.get(layer))
+        self.layers[layer].update(x, seq_ids, self.summarize, self._hits.get(layer), summaries)
+
+    def floor(self, layer: int) -> torch.Tensor:
+        """[N, 1]: the top reservoir's entry floor of a layer (an input of `window_summaries`)."""
+        return self.layers[layer].top.floor
 
     def _random_hits(self, seq_ids: torch.Tensor) -> dict[int, tuple]:
         """Every layer's random records that fall in this batch, found with one lookup for all layers."""
@@ -600,10 +661,12 @@ class ActivationCollector:
         at = torch.searchsorted(batch_seq, want).clamp_max(len(batch_seq) - 1)
         hit = batch_seq[at] == want
         where, b = where[hit], batch_pos[at[hit]]
-        layer_i, flat = where // per_layer, where % per_layer
+        by_layer = where.argsort(stable=True)  # slots are layer-major: this groups the hits by layer
+        where, b = where[by_layer], b[by_layer]
         m = self.spec_random_count()
-        return {layer: (flat[layer_i == i] // m, flat[layer_i == i] % m, b[layer_i == i])
-                for i, layer in enumerate(self.layers)}
+        n, r = (where % per_layer) // m, where % m
+        counts = torch.bincount(where // per_layer, minlength=len(self.layers)).tolist()
+        return {layer: hits for layer, hits in zip(self.layers, zip(n.split(counts), r.split(counts), b.split(counts)))}
 
     def spec_random_count(self) -> int:
         return next(iter(self.layers.values())).random.seq.shape[1]
@@ -634,32 +697,93 @@ class _StopForward(Exception):
 
 
 class ActivationExtractor:
-    """Runs the subject model's trunk on batches and feeds every requested layer's down-projection input
-    to a collector, from one forward pass. The LM head and the layers after the last requested one are
-    skipped."""
+    """Runs the subject model's trunk on batches and feeds every requested layer's neuron activations to a
+    collector, from one forward pass. The LM head and the layers after the last requested one are skipped.
 
-    def __init__(self, loaded, collector: ActivationCollector):
+    Where the family's MLP shape is known (`workers.models.mlp_split`), a requested layer's MLP forward is
+    replaced, while the extractor is open, by the same computation with the neuron step and the per-window
+    reductions fused into one function (`fused_capture`, compiled when `compile`); other families are read
+    through a forward pre-hook on the down projection. `captures`: a dict shared between extractors over the
+    same model, so that a second extractor reuses the first one's compiled functions.
+
+    `background`: the collector's updates run in order on one worker thread while the forward goes on to the
+    next layers, and `run_batch` returns once they are all done; the results are those of in-line updates
+    (every layer's summaries are its own, and a batch's updates finish before the next batch reads a floor).
+    Off by default: on the 2-core dev CPU the two threads' OpenMP teams fight over the cores and whole passes
+    got slower (bench/extract.py --background); it is there for accelerators, where the updates' host syncs
+    would then stall a side thread instead of the forward's (not measured yet: no GPU was lent)."""
+
+    def __init__(self, loaded, collector, compile: bool = False, captures: dict | None = None,
+                 background: bool = False):
         self.loaded = loaded
         self.collector = collector
         self.trunk = loaded.model.base_model
         self.device = next(loaded.model.parameters()).device
         self._seq_ids: torch.Tensor | None = None
+        self._hooks, self._patched = [], []
+        self._updater = ThreadPoolExecutor(1, thread_name_prefix="collector") if background else None
+        self._pending: list[Future] = []
+        captures = {} if captures is None else captures
         last = max(collector.layers)
-        self._hooks = [loaded.down_proj(layer).register_forward_pre_hook(self._hook(layer, layer == last))
-                       for layer in collector.layers]
+        for layer in collector.layers:
+            split = loaded.mlp_split(layer)
+            if split is None:
+                self._hooks.append(loaded.down_proj(layer).register_forward_pre_hook(self._hook(layer, layer == last)))
+                continue
+            key = (split.kind, type(split.act), repr(split.act), compile)
+            if key not in captures:
+                captures[key] = fused_capture(split.kind, split.act, compile)
+            # an open extractor's forward may be there already: it stays underneath, and comes back at close
+            self._patched.append((split.module, split.module.__dict__.get("forward")))
+            split.module.forward = self._fused_forward(layer, split, captures[key], layer == last)
 
     def _hook(self, layer: int, last: bool):
         def hook(module, args):
             if self._seq_ids is None:  # a forward not started by run_batch: not ours to record
                 return
-            self.collector.update(layer, args[0], self._seq_ids)
+            self._update(layer, args[0], self._seq_ids)
             if last:
                 raise _StopForward
         return hook
 
+    def _fused_forward(self, layer: int, split, capture, last: bool):
+        original = split.module.forward
+
+        def forward(x):
+            if self._seq_ids is None:
+                return original(x)
+            h, *summaries = capture(split.inputs(x), self._seq_ids, self.collector.floor(layer))
+            self._update(layer, h, self._seq_ids, summaries)
+            if last:
+                raise _StopForward
+            return split.output(h)
+        return forward
+
+    def _update(self, layer: int, x: torch.Tensor, seq_ids: torch.Tensor, summaries=None) -> None:
+        if self._updater is None:
+            self.collector.update(layer, x, seq_ids, summaries)
+        else:
+            self._pending.append(self._updater.submit(_no_grad_call, self.collector.update, layer, x, seq_ids,
+                                                      summaries))
+
+    def _finish_updates(self) -> None:
+        """Wait for this batch's updates; the first one that failed raises here."""
+        pending, self._pending = self._pending, []
+        for f in pending:
+            f.result()
+
     def close(self) -> None:
+        if self._updater is not None:
+            self._updater.shutdown(wait=True)
+            self._updater = None
         for h in self._hooks:
             h.remove()
+        for module, previous in reversed(self._patched):
+            if previous is None:
+                del module.forward
+            else:
+                module.forward = previous
+        self._hooks, self._patched = [], []
 
     @torch.no_grad()
     def run_batch(self, token_ids: torch.Tensor, seq_ids: torch.Tensor) -> None:
@@ -672,6 +796,7 @@ class ActivationExtractor:
             pass
         finally:
             self._seq_ids = None
+            self._finish_updates()
         self.collector.n_windows += token_ids.shape[0]
 
     def run(self, token_ids: torch.Tensor, seq_ids: torch.Tensor, batch_size: int) -> None:
@@ -679,17 +804,27 @@ class ActivationExtractor:
             self.run_batch(token_ids[i:i + batch_size], seq_ids[i:i + batch_size])
 
 
+def _no_grad_call(fn, *args):
+    with torch.no_grad():  # grad mode is per thread
+        return fn(*args)
+
+
 class LayerCapture:
     """Stands in for a collector in `ActivationExtractor`: keeps each hooked layer's activations of the last
     batch (the quantile pass copies a few windows out of them)."""
 
-    def __init__(self, layers: Iterable[int]):
+    def __init__(self, layers: Iterable[int], n_neurons: int, device="cpu"):
         self.layers = dict.fromkeys(layers)
         self.acts: dict[int, torch.Tensor] = {}
         self.n_windows = 0
+        self._floor = torch.full((n_neurons, 1), INT64_MIN, dtype=torch.int64, device=device)
 
-    def update(self, layer: int, x: torch.Tensor, seq_ids: torch.Tensor) -> None:
+    def update(self, layer: int, x: torch.Tensor, seq_ids: torch.Tensor, summaries=None) -> None:
         self.acts[layer] = x
+
+    def floor(self, layer: int) -> torch.Tensor:
+        """The same shape as a collector's, so a compiled capture is reused rather than compiled anew."""
+        return self._floor
 
 
 def wants_compile(spec: CollectorSpec, device) -> bool:
@@ -822,6 +957,7 @@ class ExtractWorker:
     compile: bool | None = None  # None: `wants_compile`
     loaded: object = field(default=None, repr=False)
     _picks: dict | None = field(default=None, init=False, repr=False)
+    _captures: dict = field(default_factory=dict, init=False, repr=False)
 
     def __post_init__(self):
         from workers.models import load_subject
@@ -829,11 +965,12 @@ class ExtractWorker:
         if self.loaded is None:
             self.loaded = load_subject(self.model_name, dtype=self.dtype, device=self.device)
         param = next(self.loaded.model.parameters())
-        fuse = wants_compile(self.spec, param.device) if self.compile is None else self.compile
-        summarize = compiled_summaries() if fuse else window_summaries
+        if self.compile is None:
+            self.compile = wants_compile(self.spec, param.device)
+        summarize = compiled_summaries() if self.compile else window_summaries
         self.collector = ActivationCollector(self.spec, dtype=param.dtype, device=param.device, summarize=summarize)
         load_collector(self.store, self.slot, self.collector)
-        self.extractor = ActivationExtractor(self.loaded, self.collector)
+        self.extractor = ActivationExtractor(self.loaded, self.collector, self.compile, self._captures)
 
     def done_chunks(self) -> list[int]:
         return sorted(self.collector.done_chunks)
@@ -869,8 +1006,9 @@ class ExtractWorker:
         acts = {layer: torch.zeros(len(w[0]), self.spec.seq_len) for layer, w in wanted.items()}
         bs = self.batch_size
         batches = sorted({int(b) for w in wanted.values() for b in (w[3] // bs).tolist()})
-        capture = LayerCapture(self._picks)
-        extractor = ActivationExtractor(self.loaded, capture)
+        # the first pass's computation (same fused or hooked path, same compiled functions), so bit-equal output
+        capture = LayerCapture(self._picks, self.spec.n_neurons, next(self.loaded.model.parameters()).device)
+        extractor = ActivationExtractor(self.loaded, capture, self.compile, self._captures, background=False)
         try:
             for b in batches:
                 lo = b * bs

@@ -13,6 +13,7 @@ import importlib.util
 import os
 import shutil
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -36,6 +37,20 @@ ARCHITECTURES: dict[str, tuple[str, str, tuple[str, ...]]] = {
     "gemma2": ("model.layers", "mlp.down_proj", ("intermediate_size",)),
     "gemma3_text": ("model.layers", "mlp.down_proj", ("intermediate_size",)),
     "phi3": ("model.layers", "mlp.down_proj", ("intermediate_size",)),
+}
+
+
+# model_type -> how its MLP block computes the neurons, for fusing extraction into that step (`mlp_split`):
+# "gated": act(gate_proj(x)) * up_proj(x); "gated_fused": gate_up_proj(x) split in halves, up * act(gate);
+# "plain": act(fc_in(x)), with the names of (fc_in, act, fc_out[, dropout]). Families not listed (OPT keeps its
+# MLP in the decoder layer) are read through the down projection's pre-hook instead.
+MLP_SHAPES: dict[str, tuple[str, tuple[str, ...]]] = {
+    **{arch: ("gated", ("gate_proj", "up_proj", "act_fn", "down_proj"))
+       for arch in ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text")},
+    "phi3": ("gated_fused", ("gate_up_proj", "activation_fn", "down_proj")),
+    "gpt2": ("plain", ("c_fc", "act", "c_proj", "dropout")),
+    "gptj": ("plain", ("fc_in", "act", "fc_out", "dropout")),
+    "gpt_neox": ("plain", ("dense_h_to_4h", "act", "dense_4h_to_h")),
 }
 
 
@@ -67,6 +82,9 @@ class LoadedModel:
     def down_proj(self, layer: int) -> torch.nn.Module:
         return down_proj_modules(self.model)[layer]
 
+    def mlp_split(self, layer: int) -> "MlpSplit | None":
+        return mlp_split(self.model, layer)
+
 
 def architecture_of(config) -> str:
     arch = getattr(config, "model_type", None)
@@ -90,6 +108,49 @@ def down_proj_modules(model: torch.nn.Module) -> list[torch.nn.Module]:
     arch = architecture_of(model.config)
     layers_path, proj_path, _ = ARCHITECTURES[arch]
     return [layer.get_submodule(proj_path) for layer in model.get_submodule(layers_path)]
+
+
+@dataclass(frozen=True)
+class MlpSplit:
+    """One MLP block cut where its neurons are: `inputs(x)` -> tensors, `elementwise(*tensors)` -> the neuron
+    activations (the down projection's input), `output(h)` -> the block's output. Composed, they compute what
+    the block's own forward does, op for op; `act` is the activation module (stateless in every family)."""
+    module: torch.nn.Module
+    kind: str
+    act: torch.nn.Module
+    inputs: Callable
+    output: Callable
+
+    def elementwise(self, *inputs: torch.Tensor) -> torch.Tensor:
+        return elementwise_of(self.kind, self.act)(*inputs)
+
+
+def elementwise_of(kind: str, act: torch.nn.Module) -> Callable:
+    """The neuron step of an MLP shape as a plain function of its inputs (what extraction compiles)."""
+    if kind == "gated":
+        return lambda gate, up: act(gate) * up
+    if kind == "gated_fused":
+        return lambda gate, up: up * act(gate)
+    return act
+
+
+def mlp_split(model: torch.nn.Module, layer: int) -> MlpSplit | None:
+    """The MLP block of `layer` as an `MlpSplit`, or None for families read through the pre-hook."""
+    arch = architecture_of(model.config)
+    if arch not in MLP_SHAPES:
+        return None
+    kind, names = MLP_SHAPES[arch]
+    mlp = model.get_submodule(ARCHITECTURES[arch][0])[layer].get_submodule(ARCHITECTURES[arch][1].rsplit(".", 1)[0])
+    parts = [getattr(mlp, name) for name in names]
+    if kind == "gated":
+        gate, up, act, down = parts
+        return MlpSplit(mlp, kind, act, lambda x: (gate(x), up(x)), down)
+    if kind == "gated_fused":
+        gate_up, act, down = parts
+        return MlpSplit(mlp, kind, act, lambda x: tuple(gate_up(x).chunk(2, dim=-1)), down)
+    fc_in, act, fc_out, *dropout = parts
+    post = dropout[0] if dropout else torch.nn.Identity()
+    return MlpSplit(mlp, kind, act, lambda x: (fc_in(x),), lambda h: post(fc_out(h)))
 
 
 def max_positions_of(config) -> int | None:
