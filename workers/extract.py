@@ -289,8 +289,9 @@ class TopReservoir:
     `capacity` slots per neuron (k plus spares) and a per-neuron `floor`: every key >= floor is live, and the
     k largest live keys are the k largest keys offered so far. A window enters iff its key >= floor, into a
     free slot (key < floor) popped from the neuron's stack of free slots. When a neuron has too few free slots,
-    that neuron's floor is raised to its k-th largest key (a top-k over its slots), which frees all but k slots;
-    after the first batches that is rare, so a batch costs a compare and copies of the windows above the floor.
+    every neuron's floor is raised to its k-th largest key (one sort over the slots), which frees all but k
+    slots; after the first batches that is rare, so a batch costs a compare and copies of the windows above the
+    floor.
     The copies go by flat indices into contiguous rows: on a CPU the per-entry cost is what a batch pays."""
 
     def __init__(self, n_neurons: int, k: int, seq_len: int, dtype: torch.dtype, device, spare: int | None = None):
@@ -340,7 +341,7 @@ class TopReservoir:
     def _raise_floor(self) -> None:
         """Every neuron's floor up to its k-th largest key, from one sort that also orders the free slots."""
         keys, order = self.keys.sort(dim=1)
-        self.floor = torch.maximum(self.floor, keys[:, -self.k:-self.k + 1] if self.k > 1 else keys[:, -1:])
+        self.floor = torch.maximum(self.floor, keys[:, -self.k, None])
         self.free_slots = order
         self.n_free = (keys < self.floor).sum(1)
 
@@ -709,9 +710,9 @@ class ActivationExtractor:
     `background`: the collector's updates run in order on one worker thread while the forward goes on to the
     next layers, and `run_batch` returns once they are all done; the results are those of in-line updates
     (every layer's summaries are its own, and a batch's updates finish before the next batch reads a floor).
-    Off by default: on the 2-core dev CPU the two threads' OpenMP teams fight over the cores and whole passes
-    got slower (bench/extract.py --background); it is there for accelerators, where the updates' host syncs
-    would then stall a side thread instead of the forward's (not measured yet: no GPU was lent)."""
+    Off by default: on the 2-core dev CPU whole passes got slower with it (47.6 s against 39.2 s in line;
+    both threads' ops want both cores); it is there for accelerators, where the updates' host syncs would then
+    stall a side thread instead of the forward's (not measured yet: no GPU was lent)."""
 
     def __init__(self, loaded, collector, compile: bool = False, captures: dict | None = None,
                  background: bool = False):
