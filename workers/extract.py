@@ -279,6 +279,12 @@ def _warn_eager(error: Exception) -> None:
 
 
 # --- reservoirs and stats -------------------------------------------------------------------------------------
+def copy_windows(dest: torch.Tensor, flat: torch.Tensor, x: torch.Tensor, neuron: torch.Tensor,
+                 window: torch.Tensor) -> None:
+    """dest [N, slots, T], as rows: row flat[i] <- x[window[i], :, neuron[i]] (x is a batch's [B, T, N])."""
+    dest.view(-1, dest.shape[2]).index_copy_(0, flat, x.permute(2, 0, 1)[neuron, window].to(dest.dtype))
+
+
 def placeholder_keys(n: int, c: int, device) -> torch.Tensor:
     return (INT64_MIN + torch.arange(c, device=device, dtype=torch.int64)).expand(n, c).clone()
 
@@ -335,8 +341,7 @@ class TopReservoir:
         flat = row + self.free_slots.view(-1)[row + pos]  # into keys / acts viewed as [N * capacity, ...]
         self.n_free -= n_enter
         self.keys.view(-1)[flat] = cand[enter_n, enter_b]
-        self.acts.view(-1, self.acts.shape[2]).index_copy_(
-            0, flat, x.permute(2, 0, 1)[enter_n, enter_b].to(self.acts.dtype))
+        copy_windows(self.acts, flat, x, enter_n, enter_b)
 
     def _raise_floor(self) -> None:
         """Every neuron's floor up to its k-th largest key, from one sort that also orders the free slots."""
@@ -415,7 +420,7 @@ class RandomRecords:
     def fill(self, n: torch.Tensor, r: torch.Tensor, b: torch.Tensor, x: torch.Tensor) -> None:
         """Record x[b, :, n] as random record r of neuron n (for each triple)."""
         flat = n * self.seq.shape[1] + r
-        self.acts.view(-1, self.acts.shape[2]).index_copy_(0, flat, x.permute(2, 0, 1)[n, b].to(self.acts.dtype))
+        copy_windows(self.acts, flat, x, n, b)
         self.filled.view(-1)[flat] = True
 
     def merge(self, other: "RandomRecords") -> None:
