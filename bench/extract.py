@@ -12,10 +12,9 @@ reference. By default it takes the default corpus as the default config cuts it 
 tokens: 1,767 from the pydoc corpus): the top reservoirs take most windows early in a run and few later, so
 short runs overstate the cost.
 
-    .venv/bin/python bench/extract.py [--windows 2000] [--batch 32] [--block 8] [--repeats 3] [--eager] [--background]
+    .venv/bin/python bench/extract.py [--windows 2000] [--batch 32] [--block 8] [--repeats 3] [--eager]
     .venv/bin/python bench/extract.py --shape gpt2-xl --batch 256 --repeats 2    # on a GPU
---eager: no torch.compile (the reductions run as separate eager ops); --background: the collector's updates on a
-worker thread, overlapping the forward. --shape gpt2-xl: a randomly
+--eager: no torch.compile (the reductions run as separate eager ops). --shape gpt2-xl: a randomly
 initialised model of GPT-2 XL's shape (48 layers x 6,400 neurons, 1.5B parameters; bf16 on a GPU) instead of
 the default model, on the same windows (SmolLM2's token ids, all below GPT-2's vocabulary size); it also prints
 the fraction of the GPU's dense bf16 peak that the extraction reaches (--peak-tflops, or known from the GPU's
@@ -86,7 +85,6 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--eager", action="store_true", help="do not fuse the per-window reductions (torch.compile)")
     ap.add_argument("--block", type=int, default=8, help="batches per timed block")
-    ap.add_argument("--background", action="store_true", help="run the collector's updates on a worker thread")
     ap.add_argument("--dtype", default="auto")
     ap.add_argument("--shape", choices=["gpt2-xl"], help="a random model of this shape instead of --model")
     ap.add_argument("--layers", type=int, default=48, help="with --shape: how many of its layers")
@@ -108,14 +106,14 @@ def main() -> None:
     captures = {}  # the compiled functions, shared by every repeat's extractor
     print(f"model {m.info.name}: {m.info.n_layers} layers x {m.info.n_neurons} neurons, {m.info.dtype} on {device}; "
           f"{len(ws)} windows x {args.seq_len} tokens, batch {args.batch}, torch threads {torch.get_num_threads()}, "
-          f"{'eager' if args.eager else 'compiled'}, updates {'on a worker thread' if args.background else 'in line'}, "
+          f"{'eager' if args.eager else 'compiled'}, "
           f"blocks of {args.block} batches")
     starts = list(range(0, len(ws), args.batch))
     blocks = [starts[i:i + args.block] for i in range(0, len(starts), args.block)]
 
     def extractor():
         collector = ActivationCollector(spec, dtype=m.model.dtype, device=device, summarize=summarize)
-        return ActivationExtractor(m, collector, compile, captures, background=args.background)
+        return ActivationExtractor(m, collector, compile, captures)
 
     def plain_batch(i):
         with torch.no_grad():

@@ -77,19 +77,18 @@ def check_against_oracle(collector, layer, acts, seq_ids, top_k, n_random):
         assert s["variance"] == pytest.approx(w["variance"], rel=1e-4, abs=1e-7)
 
 
-@pytest.mark.parametrize("path", ["fused", "hooked", "fused-background"])
+@pytest.mark.parametrize("path", ["fused", "hooked"])
 @pytest.mark.parametrize("fixture", ["tiny_gpt2", "tiny_llama"])
 def test_collector_matches_brute_force_on_a_real_forward(fixture, path, request, monkeypatch):
     """Both ways of reading the neurons: the MLP forward with the reductions fused in, and the down
-    projection's pre-hook (families without a known MLP shape); the collector's updates in line or on a
-    worker thread."""
+    projection's pre-hook (families without a known MLP shape)."""
     model = request.getfixturevalue(fixture)
     if path == "hooked":
         monkeypatch.setattr(model, "mlp_split", lambda layer: None)
     token_ids, seq_ids = windows_of(model)
     spec = CollectorSpec([0, 1], model.info.n_neurons, 16, top_k=6, n_random=5, seed=SEED, corpus=seq_ids.tolist())
     collector = ActivationCollector(spec)
-    extractor = ActivationExtractor(model, collector, background=path == "fused-background")
+    extractor = ActivationExtractor(model, collector)
     extractor.run(token_ids, seq_ids, batch_size=7)  # uneven batches: 6 x 7 + 3
     extractor.close()
     acts = all_activations(model, [0, 1], token_ids, batch_size=7)
@@ -110,21 +109,6 @@ def test_only_requested_layers_are_hooked_and_the_forward_stops_after_the_last(t
     assert list(collector.layers) == [0] and calls == []  # layer 1 never ran
     with torch.no_grad():  # and the hooks are gone after close, the model works as before
         tiny_llama.model(token_ids)
-
-
-def test_a_failing_background_update_fails_its_batch(tiny_llama, monkeypatch):
-    token_ids, seq_ids = windows_of(tiny_llama, n=10)
-    collector = ActivationCollector(CollectorSpec([0, 1], 64, 16, 3, 2, SEED, corpus=seq_ids.tolist()))
-    extractor = ActivationExtractor(tiny_llama, collector, background=True)
-    extractor.run_batch(token_ids[:5], seq_ids[:5])
-
-    def broken(*args):
-        raise RuntimeError("disk on fire")
-    monkeypatch.setattr(collector.layers[1].stats, "update", broken)
-    with pytest.raises(RuntimeError, match="disk on fire"):
-        extractor.run_batch(token_ids[5:], seq_ids[5:])
-    assert collector.n_windows == 5  # the failed batch is not counted
-    extractor.close()
 
 
 def test_the_fused_forward_leaves_the_model_as_it_was(tiny_llama):

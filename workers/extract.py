@@ -30,7 +30,6 @@ import logging
 import math
 import time
 from collections.abc import Iterable, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from fractions import Fraction
 
@@ -403,19 +402,6 @@ class RandomRecords:
         n, m = self.seq.shape
         self.acts = torch.zeros(n, m, seq_len, dtype=dtype, device=device)
         self.filled = torch.zeros(n, m, dtype=torch.bool, device=device)
-        self._by_seq, self._slot = self.seq.reshape(-1).sort()  # for finding a batch's windows
-
-    def offer(self, seq_ids: torch.Tensor, x: torch.Tensor) -> None:
-        if self.seq.shape[1] == 0:
-            return
-        batch_seq, batch_pos = seq_ids.sort()
-        lo = int(torch.searchsorted(self._by_seq, batch_seq[:1]))
-        hi = int(torch.searchsorted(self._by_seq, batch_seq[-1:], right=True))
-        want, slot = self._by_seq[int(lo):hi], self._slot[int(lo):hi]
-        at = torch.searchsorted(batch_seq, want).clamp_max(len(batch_seq) - 1)
-        hit = batch_seq[at] == want
-        slot, b = slot[hit], batch_pos[at[hit]]
-        self.fill(slot // self.seq.shape[1], slot % self.seq.shape[1], b, x)
 
     def fill(self, n: torch.Tensor, r: torch.Tensor, b: torch.Tensor, x: torch.Tensor) -> None:
         """Record x[b, :, n] as random record r of neuron n (for each triple)."""
@@ -504,8 +490,8 @@ class LayerCollector:
     def update(self, x: torch.Tensor, seq_ids: torch.Tensor, summarize=window_summaries, random_hits=None,
                summaries: Sequence[torch.Tensor] | None = None) -> None:
         """x [B, T, N]: this layer's neuron activations on a batch of windows with the given seq ids.
-        `random_hits`: (neuron, rank, batch index) of this layer's random records in the batch, when the caller
-        looked them up for all layers at once. `summaries`: `window_summaries` of x against this layer's
+        `random_hits`: (neuron, rank, batch index) of this layer's random records in the batch (looked up by
+        `ActivationCollector` for all layers at once). `summaries`: `window_summaries` of x against this layer's
         floor, when the caller computed them already (fused into the MLP's forward)."""
         if x.shape[1:] != (self.seq_len, self.n_neurons):
             raise ExtractError(f"layer {self.layer}: activations of shape {tuple(x.shape)}, expected "
@@ -515,9 +501,7 @@ class LayerCollector:
         keys, enter, n_enter, wmax, mean_b, m2_b, npos = summaries
         self.stats.update(x.shape[0] * x.shape[1], mean_b, m2_b, npos, wmax.amax(0))
         self.top.offer(keys, x, enter, n_enter)
-        if random_hits is None:
-            self.random.offer(seq_ids, x)
-        elif random_hits[0].numel():
+        if random_hits is not None and random_hits[0].numel():
             self.random.fill(*random_hits, x)
         if self.keep_maxima:
             self.maxima.append((seq_ids.cpu(), wmax.to(x.dtype).cpu()))
@@ -667,8 +651,8 @@ class ActivationCollector:
         at = torch.searchsorted(batch_seq, want).clamp_max(len(batch_seq) - 1)
         hit = batch_seq[at] == want
         where, b = where[hit], batch_pos[at[hit]]
-        by_layer = where.argsort(stable=True)  # slots are layer-major: this groups the hits by layer
-        where, b = where[by_layer], b[by_layer]
+        where, order = where.sort()  # slots are layer-major: this groups the hits by layer
+        b = b[order]
         m = self.spec_random_count()
         n, r = (where % per_layer) // m, where % m
         counts = torch.bincount(where // per_layer, minlength=len(self.layers)).tolist()
@@ -710,25 +694,15 @@ class ActivationExtractor:
     replaced, while the extractor is open, by the same computation with the neuron step and the per-window
     reductions fused into one function (`fused_capture`, compiled when `compile`); other families are read
     through a forward pre-hook on the down projection. `captures`: a dict shared between extractors over the
-    same model, so that a second extractor reuses the first one's compiled functions.
+    same model, so that a second extractor reuses the first one's compiled functions."""
 
-    `background`: the collector's updates run in order on one worker thread while the forward goes on to the
-    next layers, and `run_batch` returns once they are all done; the results are those of in-line updates
-    (every layer's summaries are its own, and a batch's updates finish before the next batch reads a floor).
-    Off by default: on the 2-core dev CPU whole passes got slower with it (47.6 s against 39.2 s in line;
-    both threads' ops want both cores); it is there for accelerators, where the updates' host syncs would then
-    stall a side thread instead of the forward's (not measured yet: no GPU was lent)."""
-
-    def __init__(self, loaded, collector, compile: bool = False, captures: dict | None = None,
-                 background: bool = False):
+    def __init__(self, loaded, collector, compile: bool = False, captures: dict | None = None):
         self.loaded = loaded
         self.collector = collector
         self.trunk = loaded.model.base_model
         self.device = next(loaded.model.parameters()).device
         self._seq_ids: torch.Tensor | None = None
         self._hooks, self._patched = [], []
-        self._updater = ThreadPoolExecutor(1, thread_name_prefix="collector") if background else None
-        self._pending: list[Future] = []
         captures = {} if captures is None else captures
         last = max(collector.layers)
         for layer in collector.layers:
@@ -747,7 +721,7 @@ class ActivationExtractor:
         def hook(module, args):
             if self._seq_ids is None:  # a forward not started by run_batch: not ours to record
                 return
-            self._update(layer, args[0], self._seq_ids)
+            self.collector.update(layer, args[0], self._seq_ids)
             if last:
                 raise _StopForward
         return hook
@@ -759,29 +733,13 @@ class ActivationExtractor:
             if self._seq_ids is None:
                 return original(x)
             h, *summaries = capture(split.inputs(x), self._seq_ids, self.collector.floor(layer))
-            self._update(layer, h, self._seq_ids, summaries)
+            self.collector.update(layer, h, self._seq_ids, summaries)
             if last:
                 raise _StopForward
             return split.output(h)
         return forward
 
-    def _update(self, layer: int, x: torch.Tensor, seq_ids: torch.Tensor, summaries=None) -> None:
-        if self._updater is None:
-            self.collector.update(layer, x, seq_ids, summaries)
-        else:
-            self._pending.append(self._updater.submit(_no_grad_call, self.collector.update, layer, x, seq_ids,
-                                                      summaries))
-
-    def _finish_updates(self) -> None:
-        """Wait for this batch's updates; the first one that failed raises here."""
-        pending, self._pending = self._pending, []
-        for f in pending:
-            f.result()
-
     def close(self) -> None:
-        if self._updater is not None:
-            self._updater.shutdown(wait=True)
-            self._updater = None
         for h in self._hooks:
             h.remove()
         for module, previous in reversed(self._patched):
@@ -802,17 +760,11 @@ class ActivationExtractor:
             pass
         finally:
             self._seq_ids = None
-            self._finish_updates()
         self.collector.n_windows += token_ids.shape[0]
 
     def run(self, token_ids: torch.Tensor, seq_ids: torch.Tensor, batch_size: int) -> None:
         for i in range(0, token_ids.shape[0], batch_size):
             self.run_batch(token_ids[i:i + batch_size], seq_ids[i:i + batch_size])
-
-
-def _no_grad_call(fn, *args):
-    with torch.no_grad():  # grad mode is per thread
-        return fn(*args)
 
 
 class LayerCapture:
@@ -1014,7 +966,7 @@ class ExtractWorker:
         batches = sorted({int(b) for w in wanted.values() for b in (w[3] // bs).tolist()})
         # the first pass's computation (same fused or hooked path, same compiled functions), so bit-equal output
         capture = LayerCapture(self._picks, self.spec.n_neurons, next(self.loaded.model.parameters()).device)
-        extractor = ActivationExtractor(self.loaded, capture, self.compile, self._captures, background=False)
+        extractor = ActivationExtractor(self.loaded, capture, self.compile, self._captures)
         try:
             for b in batches:
                 lo = b * bs
