@@ -63,7 +63,7 @@ def _detect(backend, explanation, activating=PAREN, quiet=QUIET, **kw):
 def test_detection_with_a_true_explanation_separates_windows():
     cols, usage = _detect(RuleStubBackend(), "closing parentheses")
     assert cols["score"] == 1.0 and cols["null_reason"] is None
-    assert cols["settings"]["auc"] == pytest.approx(1.0)
+    assert cols["auc"] == pytest.approx(1.0)
     assert (cols["settings"]["n_positive"], cols["settings"]["n_negative"]) == (3, 3)
     assert sorted(cols["seq_ids"]) == [1, 2, 3, 10, 11, 12] and cols["seq_ids"] != [1, 2, 3, 10, 11, 12]
     assert usage.prompt_tokens > 0
@@ -71,12 +71,12 @@ def test_detection_with_a_true_explanation_separates_windows():
 
 def test_detection_with_a_wrong_explanation_scores_chance():
     cols, _ = _detect(RuleStubBackend(), "digits and numbers")  # says 0 everywhere
-    assert cols["score"] == 0.5 and cols["settings"]["auc"] == 0.5
+    assert cols["score"] == 0.5 and cols["auc"] == 0.5
 
 
 def test_detection_without_logprobs_has_no_auc():
     cols, _ = _detect(RuleStubBackend(CHAT), "closing parentheses")
-    assert cols["score"] == 1.0 and cols["settings"]["auc"] is None
+    assert cols["score"] == 1.0 and cols["auc"] is None
 
 
 def test_detection_hand_worked_answer():
@@ -110,7 +110,7 @@ def test_fuzzing_true_highlights_versus_random_highlights():
     decoys = [_rec(i, [" a", " b", " c", ")", " d", " e", " f", " g"], [0, 0, 0, 2.0, 0, 0, 0, 0])
               for i in range(20, 23)]
     cols, _ = asyncio.run(fuzzing_columns(RuleStubBackend(), "closing parentheses", PAREN, decoys, seed=3))
-    assert cols["score"] == 1.0 and cols["settings"]["auc"] == pytest.approx(1.0)
+    assert cols["score"] == 1.0 and cols["auc"] == pytest.approx(1.0)
     assert (cols["settings"]["n_positive"], cols["settings"]["n_negative"]) == (3, 3)
 
 

@@ -126,7 +126,7 @@ def _covering(tokens: list[TokenAlternatives], offset: int) -> TokenAlternatives
 def _judged_columns(labels: list[int], answers: list[int], probs: list[float] | None, settings: dict) -> dict:
     score = balanced_accuracy(labels, answers)
     auc = roc_auc(labels, probs) if probs is not None else None
-    settings = {**settings, "auc": auc, "n_positive": sum(labels), "n_negative": len(labels) - sum(labels)}
+    settings = {**settings, "n_positive": sum(labels), "n_negative": len(labels) - sum(labels)}
     return {"score": score, "auc": auc,
             "null_reason": None if score is not None else "needs both kinds of windows", "settings": settings}
 

@@ -25,6 +25,7 @@ from workers.backends.base import (Capabilities, ChatResponse, PromptLogprobsRes
 from workers.prompts import (DETECTION_SYSTEM, EXPLAINER_SYSTEM, FUZZING_SYSTEM, HIGHLIGHT_CLOSE, HIGHLIGHT_OPEN,
                              LEAD_IN, SIMULATOR_CHAT_SYSTEM, unescape_token)
 from workers.records import ActivationRecord, NeuronRecords
+from workers.scoring import correlation_score
 
 
 # --- the rule vocabulary ---------------------------------------------------------------------------------
@@ -54,14 +55,6 @@ def rule_for(explanation: str) -> Rule | None:
     """The vocabulary rule an explanation names, if any."""
     text = explanation.lower()
     return next((r for r in RULES.values() if any(k in text for k in r.keywords)), None)
-
-
-def _pearson(xs: list[float], ys: list[float]) -> float:
-    n = len(xs)
-    mx, my = sum(xs) / n, sum(ys) / n
-    sxy = sum((x - mx) * (y - my) for x, y in zip(xs, ys))
-    sxx, syy = sum((x - mx) ** 2 for x in xs), sum((y - my) ** 2 for y in ys)
-    return sxy / math.sqrt(sxx * syy) if sxx > 0 and syy > 0 else 0.0
 
 
 # --- reading this project's prompts ----------------------------------------------------------------------
@@ -119,7 +112,7 @@ class RuleStubBackend:
         values = [float(v) for _, v in pairs]
         best, best_r = None, 0.0
         for rule in RULES.values():
-            r = _pearson([1.0 if rule.match(t) else 0.0 for t in tokens], values) if tokens else 0.0
+            r = (correlation_score([[1.0 if rule.match(t) else 0.0 for t in tokens]], [values]) or 0.0) if tokens else 0.0
             if r > best_r:
                 best, best_r = rule, r
         return best.phrase if best else "nothing in particular"
