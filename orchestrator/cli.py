@@ -77,6 +77,26 @@ def env() -> dict[str, str]:
     return dict(os.environ)
 
 
+def s3_options_from_env(e: dict) -> dict | None:
+    """S3 endpoint and keys for s3:// outputs, from the environment only (never stored in run.json)."""
+    endpoint = e.get("NEURONSWEEP_S3_ENDPOINT") or e.get("AWS_ENDPOINT_URL")
+    if not endpoint:
+        return None
+    scheme, _, host = endpoint.rpartition("://")
+    opts = {"endpoint_override": host or endpoint, "scheme": scheme or "https",
+            "region": e.get("AWS_REGION", "us-east-1"), "allow_bucket_creation": True}
+    if e.get("AWS_ACCESS_KEY_ID"):
+        opts.update(access_key=e["AWS_ACCESS_KEY_ID"], secret_key=e.get("AWS_SECRET_ACCESS_KEY", ""))
+    return opts
+
+
+def open_run(run: str, *, create: bool = False):
+    """The run store at a path or URI, with S3 options from the environment (every command opens runs here)."""
+    from orchestrator.store import RunStore
+
+    return RunStore.open(run, create=create, s3_options=s3_options_from_env(env()))
+
+
 @app.command()
 def info(model: ModelOpt = None, config: ConfigOpt = None, sets: SetOpt = None) -> None:
     """Print a model's architecture, layers and neurons (the default: the embedded SmolLM2-135M)."""

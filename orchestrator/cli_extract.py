@@ -8,7 +8,7 @@ from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, 
                            TimeRemainingColumn)
 
 from orchestrator.cli import (AddressOpt, CLIError, ConfigOpt, CorpusOpt, LayersOpt, ModelOpt, OutOpt, SeqLenOpt,
-                              SetOpt, WindowsOpt, app, build_config, checked_against_model, console, out)
+                              SetOpt, WindowsOpt, app, build_config, checked_against_model, console, open_run, out)
 
 
 @app.command()
@@ -23,23 +23,18 @@ def extract(config: ConfigOpt = None, sets: SetOpt = None, model: ModelOpt = Non
             ) -> None:
     """Run the model over the corpus once and store per-neuron top/random records and stats in --out."""
     from orchestrator.extract_run import run_extraction
-    from orchestrator.store import RunStore
-    from workers.extract import ExtractError
 
     cfg = build_config(config, sets, model=model, corpus=corpus, layers=layers, max_windows=max_windows,
                        seq_len=seq_len, out=out_dir, address=address)
     checked_against_model(cfg)
     if chunk_windows is not None and chunk_windows < 1:
         raise CLIError(f"--chunk-windows: must be at least 1 (got {chunk_windows})")
-    store = RunStore.open(cfg.output, create=True)
+    store = open_run(cfg.output, create=True)
     columns = [TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
                TextColumn("{task.fields[rate]}"), TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn()]
-    try:
-        with Progress(*columns, console=console) as progress:
-            s = run_extraction(cfg, store, n_actors=actors, progress=progress, chunk_windows=chunk_windows,
-                               use_ray=not local)
-    except ExtractError as e:
-        raise CLIError(str(e)) from None
+    with Progress(*columns, console=console) as progress:  # an ExtractError is reported by main()
+        s = run_extraction(cfg, store, n_actors=actors, progress=progress, chunk_windows=chunk_windows,
+                           use_ray=not local)
     if s.already_complete:
         out.print(f"extraction in {cfg.output} is already complete ({s.n_windows:,} windows, layers "
                   f"{_ranges(s.layers)}); nothing to do")

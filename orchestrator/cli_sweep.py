@@ -11,7 +11,8 @@ from rich.markup import escape
 from rich.table import Table
 
 from orchestrator.cli import (AddressOpt, CLIError, ConfigOpt, CorpusOpt, LayersOpt, ModelOpt, NeuronsOpt, OutOpt,
-                              SeqLenOpt, SetOpt, WindowsOpt, app, build_config, console, env, out)
+                              SeqLenOpt, SetOpt, WindowsOpt, app, build_config, console, env, open_run, out,
+                              s3_options_from_env)
 from orchestrator.plan import load_run_config
 from orchestrator.store import RunStore
 from schemas.config import SweepConfig
@@ -19,19 +20,6 @@ from schemas.config import SweepConfig
 RetryOpt = Annotated[bool, typer.Option("--retry-failed", help="also redo neurons that failed before")]
 LingerOpt = Annotated[float, typer.Option("--metrics-linger", help="keep serving metrics this many seconds after "
                                                                   "the sweep ends, so a last scrape sees the end")]
-
-
-def s3_options_from_env(e: dict) -> dict | None:
-    """S3 endpoint and keys for s3:// outputs, from the environment only (never stored in run.json)."""
-    endpoint = e.get("NEURONSWEEP_S3_ENDPOINT") or e.get("AWS_ENDPOINT_URL")
-    if not endpoint:
-        return None
-    scheme, _, host = endpoint.rpartition("://")
-    opts = {"endpoint_override": host or endpoint, "scheme": scheme or "https",
-            "region": e.get("AWS_REGION", "us-east-1"), "allow_bucket_creation": True}
-    if e.get("AWS_ACCESS_KEY_ID"):
-        opts.update(access_key=e["AWS_ACCESS_KEY_ID"], secret_key=e.get("AWS_SECRET_ACCESS_KEY", ""))
-    return opts
 
 
 def _run(cfg: SweepConfig, *, retry_failed: bool, linger_s: float = 0.0) -> None:
@@ -125,7 +113,7 @@ def resume(run: Annotated[str, typer.Argument(help="run directory or URI")], set
 
 
 def _open(run: str) -> RunStore:
-    store = RunStore.open(run, s3_options=s3_options_from_env(env()))
+    store = open_run(run)
     if not store.exists("run.json"):
         raise CLIError(f"{run} is not a neuronsweep run directory (no run.json)")
     return store
@@ -208,7 +196,7 @@ def explain(layer: Annotated[int, typer.Option("--layer", help="layer of the neu
     from orchestrator.plan import EXTRACT_MARKER, Shard
 
     cfg = build_config(config, sets, model=model, out=out_dir)
-    store = RunStore.open(cfg.output)
+    store = open_run(cfg.output)
     if store.exists("run.json"):
         cfg = load_run_config(store).model_copy(update={"output": cfg.output})
     if not store.exists(EXTRACT_MARKER):

@@ -9,14 +9,14 @@ from typing import Annotated, Optional
 
 import typer
 
-from orchestrator.cli import CLIError, app, out
+from orchestrator.cli import CLIError, app, open_run, out
 from orchestrator.store import RunStore
 
 RunArg = Annotated[str, typer.Argument(help="run directory or s3:// URI")]
 
 
 def _existing_run(run: str) -> RunStore:
-    store = RunStore.open(run)
+    store = open_run(run)
     if not any(store.exists(p) for p in ("run.json", "_extract/complete.json", "records", "ledger")):
         raise CLIError(f"{run} is not a neuronsweep run directory (no run.json, records or ledger)")
     return store
@@ -80,7 +80,7 @@ def import_cmd(src: Annotated[Path, typer.Argument(help="folder in OpenAI's neur
     """Import OpenAI neuron-explainer records (and explanations) into a run directory, ready to re-score."""
     if not src.is_dir():
         raise CLIError(f"{src} is not a folder")
-    store = RunStore.open(run, create=True)
+    store = open_run(run, create=True)
     if store.exists("records") or store.exists("_extract/complete.json"):
         raise CLIError(f"{run} already holds records; import into a new --out directory")
     from orchestrator.interchange import import_openai

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -422,6 +422,3 @@ def _records_file_schema() -> pa.Schema:
 
     return pa.schema([f for f in RECORDS if f.name != "layer"], metadata=RECORDS.metadata)
 
-
-def summary_dict(s: ExtractSummary) -> dict:
-    return asdict(s)

@@ -38,7 +38,7 @@ SIMULATED_SCALE = "simulated_normalized_activations"
 
 
 def _f(x):
-    """A float for JSON: NaN and None become null (what orjson writes for NaN in the published files)."""
+    """A float, or None for NaN and None (JSON null: what orjson writes for NaN in the published files)."""
     return None if x is None or (isinstance(x, float) and math.isnan(x)) else float(x)
 
 
@@ -224,10 +224,6 @@ class _Windows:
             self.pending = []
 
 
-def _nan(x):
-    return None if x is None or (isinstance(x, float) and math.isnan(x)) else float(x)
-
-
 def import_openai(src: str | Path, store: RunStore, *, n_layers: int | None = None,
                   n_neurons: int | None = None) -> ImportSummary:
     """Read the OpenAI layout under `src` into the run directory `store` (see the module docstring)."""
@@ -254,8 +250,8 @@ def import_openai(src: str | Path, store: RunStore, *, n_layers: int | None = No
                                      "activations": acts, "max_activation": max(acts) if acts else 0.0})
             kinds[neuron] = {k: [windows.id_of(r["tokens"]) for r in by_kind[k]] for k in ("top", "random")}
             tops = [max(r["activations"]) for r in by_kind["top"] if r["activations"]]
-            stat_rows.append({"layer": layer, "neuron": neuron, "mean": _nan(doc.get("mean")),
-                              "variance": _nan(doc.get("variance")), "max": max(tops) if tops else None})
+            stat_rows.append({"layer": layer, "neuron": neuron, "mean": _f(doc.get("mean")),
+                              "variance": _f(doc.get("variance")), "max": max(tops) if tops else None})
             top_k, n_random = max(top_k, len(by_kind["top"])), max(n_random, len(by_kind["random"]))
             max_neuron = max(max_neuron, neuron)
             summary.neurons += 1
@@ -341,16 +337,16 @@ def _score_row(layer, neuron, sim: dict, seqs: list[dict], windows: _Windows, ki
         t = [0.0 if x is None else float(x) for x in s.get("true_activations") or true.get((neuron, seq), [])]
         seq_ids.append(seq)
         simulated.append(values)
-        per.append(_nan(s.get("ev_correlation_score")))
+        per.append(_f(s.get("ev_correlation_score")))
         trues.append(t)
         if kind in parts:
             parts[kind][0].append(t)
             parts[kind][1].append(values)
-    score = _nan(sim.get("ev_correlation_score"))
+    score = _f(sim.get("ev_correlation_score"))
     return {"layer": layer, "neuron": neuron, "candidate": 0, "scorer": "correlation", "score": score,
             "score_top": correlation_score(*parts["top"]) if parts["top"][0] else None,
             "score_random": correlation_score(*parts["random"]) if parts["random"][0] else None,
-            "r2": _nan(sim.get("rsquared_score")), "absdev": _nan(sim.get("absolute_dev_explained_score")),
+            "r2": _f(sim.get("rsquared_score")), "absdev": _f(sim.get("absolute_dev_explained_score")),
             "null_reason": None if score is not None else "no ev_correlation_score in the imported file",
             "simulator_model": IMPORTED, "simulator_mode": None,
             "settings": json.dumps({"source": "openai-neuron-explainer", "activation_scale": SIMULATED_SCALE}),

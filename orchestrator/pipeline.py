@@ -77,10 +77,11 @@ def build_runner(cfg: SweepConfig, env: Mapping[str, str], *, mode: str = "metho
         from workers.neuron import explain_and_score
         from workers.stub_backends import RuleStubBackend
 
-        clients = {role: LLMClient(RuleStubBackend(), role=role, on_call=record_call) for role in ("e", "s")}
+        explainer, simulator = (LLMClient(RuleStubBackend(), role=role, on_call=record_call)
+                                for role in ("explainer", "simulator"))
 
         async def process(records):
-            return await explain_and_score(records, clients["e"], clients["s"], cfg)
+            return await explain_and_score(records, explainer, simulator, cfg)
         return ShardRunner(cfg, store, process, SyntheticRecordSource(cfg, full=True))
     from workers.journal import CallJournal
 

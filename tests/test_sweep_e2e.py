@@ -15,6 +15,7 @@ import ray
 import yaml
 
 from orchestrator.pipeline import committed_summaries, run_sweep
+from orchestrator.plan import build_plan, model_shape
 from orchestrator.store import RunStore
 from schemas.config import SweepConfig
 from workers.stub_backends import RuleResponder
@@ -185,7 +186,7 @@ def _kill_then_resume(run: Path, cfg_path: Path) -> bool:
         os.kill(p.pid, signal.SIGKILL)  # the driver only; its in-process Ray is left to notice
         p.wait()
         committed_at_kill = len(committed_summaries(store))
-        if committed_at_kill == 6:
+        if committed_at_kill == len(build_plan(cfg, model_shape(cfg, store)).shards):
             return False
         time.sleep(1.0)
         served_before = Counter(server.served)
