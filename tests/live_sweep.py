@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -16,16 +15,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import yaml
-from prometheus_client.parser import text_string_to_metric_families
 
+from localnet import free_port, scrape
 from workers.stub_backends import RuleResponder
 from workers.testserver import TestServer, fixed_latency
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def prometheus_binary_path() -> str | None:
+    return os.environ.get("PROMETHEUS_BIN") or shutil.which("prometheus")
 
 
 SHIPPED_PROMETHEUS_CONFIG = Path(__file__).resolve().parents[1] / "cluster" / "prometheus.yml"
@@ -50,16 +47,17 @@ def scrape_config_for(target_url: str, workdir: Path) -> dict:
 
 def start_prometheus(target_url: str, workdir: Path) -> tuple[subprocess.Popen | None, str | None]:
     """Debian's prometheus on loopback scraping `target_url` with the shipped config; (None, None) if absent."""
-    binary = os.environ.get("PROMETHEUS_BIN") or shutil.which("prometheus")
+    binary = prometheus_binary_path()
     if binary is None:
         return None, None
     config_file = workdir / "prometheus.yml"
     config_file.write_text(yaml.safe_dump(scrape_config_for(target_url, workdir)))
     port = free_port()
-    proc = subprocess.Popen(
-        [binary, f"--config.file={config_file}", f"--storage.tsdb.path={workdir / 'data'}",
-         f"--web.listen-address=127.0.0.1:{port}", "--log.level=warn"],
-        stdout=open(workdir / "prometheus.log", "w"), stderr=subprocess.STDOUT)
+    with open(workdir / "prometheus.log", "w") as log:  # the child keeps its own descriptor
+        proc = subprocess.Popen(
+            [binary, f"--config.file={config_file}", f"--storage.tsdb.path={workdir / 'data'}",
+             f"--web.listen-address=127.0.0.1:{port}", "--log.level=warn"],
+            stdout=log, stderr=subprocess.STDOUT)
     return proc, f"http://127.0.0.1:{port}"
 
 
@@ -76,10 +74,7 @@ class LiveSweep:
         return (self.workdir / "prometheus.log").read_text()
 
     def samples(self) -> dict[tuple[str, frozenset], float]:
-        with urllib.request.urlopen(self.url, timeout=10) as r:
-            text = r.read().decode()
-        return {(s.name, frozenset(s.labels.items())): s.value
-                for f in text_string_to_metric_families(text) for s in f.samples}
+        return scrape(self.url)
 
     def value(self, name: str, **labels) -> float | None:
         try:

@@ -7,8 +7,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import socket
 import subprocess
 import time
 import urllib.error
@@ -18,21 +16,20 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import pytest
-import yaml
-from prometheus_client.parser import text_string_to_metric_families
 
 from k8s_validate import REPO_ROOT
+from live_sweep import SHIPPED_PROMETHEUS_CONFIG, prometheus_binary_path
+from localnet import scrape
 from metrics_target import metrics_target_url  # noqa: F401  (fixture)
 from promql_check import dashboard_exprs
 
-SHIPPED_CONFIG = REPO_ROOT / "cluster" / "prometheus.yml"
 DASHBOARD = REPO_ROOT / "cluster" / "grafana" / "neuronsweep-dashboard.json"
 INSTALL = "apt-get update && apt-get install -y --no-install-recommends prometheus"
 
 
 @pytest.fixture(scope="module")
 def prometheus_binary() -> str:
-    path = os.environ.get("PROMETHEUS_BIN") or shutil.which("prometheus")
+    path = prometheus_binary_path()
     if path is None:
         if os.environ.get("CI") == "true":
             pytest.fail(f"the prometheus binary is missing in CI; install it with: {INSTALL}")
@@ -82,16 +79,9 @@ def query(prometheus_url: str, promql: str) -> dict[str, Any]:
     return body["data"]
 
 
-def target_samples(metrics_target_url: str) -> dict[tuple[str, frozenset], float]:  # noqa: F811
-    with urllib.request.urlopen(metrics_target_url, timeout=10) as response:
-        text = response.read().decode()
-    return {(s.name, frozenset(s.labels.items())): s.value
-            for family in text_string_to_metric_families(text) for s in family.samples}
-
-
 # --- tests -----------------------------------------------------------------------------------------------------
 def test_prometheus_returns_the_progress_series(prometheus_url, metrics_target_url):  # noqa: F811
-    expected = target_samples(metrics_target_url)[("neuronsweep_neurons_total", frozenset({("status", "done")}))]
+    expected = scrape(metrics_target_url)[("neuronsweep_neurons_total", frozenset({("status", "done")}))]
     assert expected > 0
     promql = 'neuronsweep_neurons_total{job="neuronsweep-driver", status="done"}'
 
@@ -123,7 +113,7 @@ def test_every_dashboard_query_is_valid_promql_and_progress_evaluates(prometheus
     assert len(exprs) >= 9
     for title, expr in exprs:
         query(prometheus_url, expr)                      # raises with Prometheus's parse error
-    samples = target_samples(metrics_target_url)
+    samples = scrape(metrics_target_url)
     finished = sum(v for (name, _), v in samples.items() if name == "neuronsweep_neurons_total")
     planned = samples[("neuronsweep_neurons_planned", frozenset())]
     (progress,) = [e for t, e in exprs if t == "Progress"]
@@ -136,5 +126,5 @@ def test_promtool_accepts_the_shipped_config(prometheus_binary):
     promtool = Path(prometheus_binary).with_name("promtool")
     if not promtool.exists():
         pytest.skip("promtool is not beside the prometheus binary")
-    result = subprocess.run([str(promtool), "check", "config", str(SHIPPED_CONFIG)], capture_output=True, text=True)
+    result = subprocess.run([str(promtool), "check", "config", str(SHIPPED_PROMETHEUS_CONFIG)], capture_output=True, text=True)
     assert result.returncode == 0, result.stdout + result.stderr

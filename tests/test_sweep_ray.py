@@ -6,6 +6,7 @@ import urllib.request
 import pytest
 import ray
 
+from localnet import free_port, scrape
 from orchestrator.metrics import SweepMetrics
 from orchestrator.pipeline import run_sweep
 from orchestrator.results import RunReader
@@ -87,21 +88,15 @@ def test_s3_output_against_a_local_s3_server(tmp_path):
         server.stop()
 
 
-def scrape(port):
-    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
-    vals = {}
-    for line in text.splitlines():
-        if line and not line.startswith("#"):
-            name, _, value = line.rpartition(" ")
-            vals[name] = float(value)
-    return vals
+DONE = ("neuronsweep_neurons_total", frozenset({("status", "done")}))
+
+
+def metric(samples, name):
+    return samples[(name, frozenset())]
 
 
 def test_metrics_move_during_a_sweep(tmp_path):
-    import socket
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     metrics = SweepMetrics()
     server, _ = metrics.serve(port, addr="127.0.0.1")
     cfg = cfg_for(tmp_path / "run", max_inflight_shards=1, explainer={"price_input_per_mtok": 2.0})
@@ -111,14 +106,15 @@ def test_metrics_move_during_a_sweep(tmp_path):
     t.start()
     samples = []
     while t.is_alive():
-        samples.append(scrape(port).get('neuronsweep_neurons_total{status="done"}', 0))
+        samples.append(scrape(f"http://127.0.0.1:{port}/metrics").get(DONE, 0))
         time.sleep(0.2)
     t.join()
-    final = scrape(port)
+    final = scrape(f"http://127.0.0.1:{port}/metrics")
     server.shutdown()
-    assert final['neuronsweep_neurons_total{status="done"}'] == 120
-    assert final["neuronsweep_neurons_planned"] == 120 and final["neuronsweep_shards_committed_total"] == 9
-    assert final["neuronsweep_estimated_cost_dollars_total"] == pytest.approx(120 * 2000 * 2.0 / 1e6)
+    assert final[DONE] == 120
+    assert metric(final, "neuronsweep_neurons_planned") == 120
+    assert metric(final, "neuronsweep_shards_committed_total") == 9
+    assert metric(final, "neuronsweep_estimated_cost_dollars_total") == pytest.approx(120 * 2000 * 2.0 / 1e6)
     assert any(0 < v < 120 for v in samples), samples  # the series moved while the sweep ran
     assert samples == sorted(samples)
 

@@ -1,7 +1,6 @@
 """The chat path against a real `transformers serve` on loopback, running a tiny model saved to disk (offline)."""
 import asyncio
 import os
-import socket
 import subprocess
 import time
 from pathlib import Path
@@ -9,18 +8,13 @@ from pathlib import Path
 import httpx2 as httpx
 import pytest
 
+from localnet import free_port
 from schemas.config import Backend
 from workers.backends.local import CHATML
 from workers.backends.openai_compat import OpenAICompatBackend
 from workers.models import tiny_model
 
 SERVE = Path(__file__).resolve().parents[1] / ".venv" / "bin" / "transformers"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.mark.slow

@@ -4,7 +4,6 @@ from __future__ import annotations
 import os
 import re
 import shutil
-import socket
 import threading
 import time
 
@@ -15,6 +14,7 @@ from fastapi.testclient import TestClient
 from orchestrator.results import neuron_detail
 from orchestrator.viewer import create_app
 from orchestrator.viewer.app import heat, score_histogram
+from localnet import free_port
 from runfactory import make_run
 
 CHROMIUM = shutil.which("chromium") or ("/usr/bin/chromium" if os.path.exists("/usr/bin/chromium") else None)
@@ -85,9 +85,7 @@ def test_heat_and_histogram_helpers():
 # --- the real browser -------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def served(facts):
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     server = uvicorn.Server(uvicorn.Config(create_app(facts.store.root, refresh_s=0), host="127.0.0.1", port=port,
                                            log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)

@@ -41,11 +41,13 @@ class _Prefix:
 
 @dataclass
 class LocalStats:
-    forwards: int = 0
-    requests: int = 0
     prefix_hits: int = 0
     prefix_tokens_reused: int = 0
     batch_sizes: list[int] = field(default_factory=list)
+
+
+def _log_softmax(logits: torch.Tensor) -> torch.Tensor:
+    return torch.log_softmax(logits.float(), dim=-1)
 
 
 def common_prefix_len(seqs: list[list[int]]) -> int:
@@ -131,8 +133,8 @@ class LocalBackend:
             s = self._token_str[token_id] = self.tokenizer.decode([token_id])
         return s
 
-    def _top(self, logits: torch.Tensor, k: int) -> dict[str, float]:
-        logprobs = torch.log_softmax(logits.float(), dim=-1)
+    def _top(self, logprobs: torch.Tensor, k: int) -> dict[str, float]:
+        """The k likeliest tokens of one position's log-probabilities, by their text."""
         values, ids = torch.topk(logprobs, min(k, logprobs.shape[-1]))
         top: dict[str, float] = {}
         for v, i in zip(values.tolist(), ids.tolist()):
@@ -170,9 +172,9 @@ class LocalBackend:
         if top_logprobs:
             logprobs = []
             for step, tok in enumerate(new):
-                row = torch.log_softmax(out.logits[step][0].float(), dim=-1)
+                row = _log_softmax(out.logits[step][0])
                 logprobs.append(TokenAlternatives(self._str(tok), float(row[tok]),
-                                                  self._top(out.logits[step][0], top_logprobs)))
+                                                  self._top(row, top_logprobs)))
         return ChatResponse(text=text, usage=Usage(len(ids), len(new)), logprobs=logprobs)
 
     # --- prompt logprobs --------------------------------------------------------------------------------------
@@ -226,7 +228,6 @@ class LocalBackend:
         past = self._cache_from(self._prefixes[base_key].kv, 1) if base_key else None
         rest = torch.tensor([prefix[len(base_key):]], device=self._device)
         out = self.lm(input_ids=rest, past_key_values=past, use_cache=True)
-        self.stats.forwards += 1
         kv = [(layer.keys, layer.values) for layer in out.past_key_values.layers]
         entry = _Prefix(kv, out.logits[0, -1].clone())
         self._prefixes[prefix] = entry
@@ -244,7 +245,6 @@ class LocalBackend:
 
     def _forward_batch(self, items: list[tuple[list[int], list[int], int]]) -> list[list[dict[str, float]]]:
         with self._torch_lock, torch.inference_mode():
-            self.stats.requests += len(items)
             self.stats.batch_sizes.append(len(items))
             seqs = [ids for ids, _, _ in items]
             shared = common_prefix_len(seqs + ([self._recent] if len(items) == 1 and self._recent else []))
@@ -267,11 +267,10 @@ class LocalBackend:
             past = self._cache_from(prefix.kv, len(items)) if prefix else None
             logits = self.lm(input_ids=input_ids, attention_mask=mask, past_key_values=past,
                              use_cache=past is not None).logits
-            self.stats.forwards += 1
             results = []
             for b, (_, rows, top_k) in enumerate(items):
-                results.append([self._top(prefix.last_logits if row == n_prefix - 1 else logits[b, row - n_prefix],
-                                          top_k) for row in rows])
+                results.append([self._top(_log_softmax(prefix.last_logits if row == n_prefix - 1
+                                                       else logits[b, row - n_prefix]), top_k) for row in rows])
             return results
 
     async def aclose(self) -> None:
