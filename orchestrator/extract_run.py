@@ -25,6 +25,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.dataset as ds
 
+from orchestrator.plan import EXTRACT_MARKER
 from orchestrator.store import RunStore
 from schemas.config import SweepConfig
 from workers.corpus import TokenDecoder, iter_windows, sequences_table
@@ -32,7 +33,6 @@ from workers.extract import (QUANTILE_PICKS, CollectorSpec, ExtractError, Extrac
                              checkpoint_dir, load_layer_maxima, quantile_chunk_dir, quantile_picks, read_bytes,
                              read_head, sequences_part, tensor_bytes, tensor_load)
 
-EXTRACT_MARKER = "_extract/complete.json"
 PLAN_FILE = "_extract/plan.json"
 SEQUENCES_MANIFEST = "_extract/sequences.json"
 DEFAULT_CHUNK_WINDOWS = 512

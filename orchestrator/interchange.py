@@ -26,14 +26,14 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from orchestrator.results import EXTRACT_MARKER, RunReader, read_all, sequence_tokens
+from orchestrator.plan import EXTRACT_MARKER, IMPORTED
+from orchestrator.results import RunReader, read_all, sequence_tokens
 from orchestrator.store import RunStore
 from schemas.tables import to_table
 from workers.scoring import correlation_score, split_records
 
 RECORDS_DIR = "collated-activations"
 EXPLANATIONS_DIR = "explanations"
-IMPORTED = "imported"  # the shard id and model name of imported rows
 SIMULATED_SCALE = "simulated_normalized_activations"
 
 

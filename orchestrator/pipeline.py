@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Callable, Mapping
 
 from orchestrator.metrics import SweepMetrics
-from orchestrator.plan import EXTRACT_MARKER, Plan, Shard, prepare_run
+from orchestrator.plan import EXTRACT_MARKER, IMPORTED, Plan, Shard, prepare_run
 from orchestrator.shards import MARKERS, ShardRunner, StoreRecordSource, record_call
 from orchestrator.store import RunStore
 from schemas.config import ConfigError, SweepConfig
@@ -211,7 +211,7 @@ def run_sweep(cfg: SweepConfig, env: Mapping[str, str], *, retry_failed: bool = 
         from orchestrator.instant import synthetic_shape
 
         n_layers, n_neurons = synthetic_shape(cfg)
-        store.write_json(EXTRACT_MARKER, {"model": {"name": "imported", "n_layers": n_layers,
+        store.write_json(EXTRACT_MARKER, {"model": {"name": IMPORTED, "n_layers": n_layers,
                                                     "n_neurons": n_neurons}, "synthetic": True})
     plan = prepare_run(cfg, store)
     metrics = metrics or SweepMetrics()

@@ -15,6 +15,7 @@ from orchestrator.store import RunStore
 from schemas.config import ConfigError, SweepConfig
 
 EXTRACT_MARKER = "_extract/complete.json"
+IMPORTED = "imported"  # the model name and shard id of rows imported from another tool (or synthetic)
 RUN_FILE = "run.json"
 
 # Fields that may differ between runs of the same directory (they change speed, place or spend, not results).
@@ -58,8 +59,8 @@ def model_shape(cfg: SweepConfig, store: RunStore) -> dict:
     if store.exists(EXTRACT_MARKER):
         marker = store.read_json(EXTRACT_MARKER)
         m = marker.get("model")
-        if isinstance(m, dict) and m.get("name") == "imported":
-            return {"name": "imported", "architecture": m.get("architecture", "unknown"),
+        if isinstance(m, dict) and m.get("name") == IMPORTED:
+            return {"name": IMPORTED, "architecture": m.get("architecture", "unknown"),
                     "n_layers": int(m["n_layers"]), "n_neurons": int(m["n_neurons"]), "max_positions": None}
     from workers.models import model_info
 

@@ -27,11 +27,11 @@ import pyarrow.dataset as ds
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
+from orchestrator.plan import EXTRACT_MARKER, IMPORTED
 from orchestrator.store import RunStore
 from orchestrator.metrics import failure_reason  # one bounded vocabulary: metrics, status, viewer
 from schemas.tables import TABLES, check_version
 
-EXTRACT_MARKER = "_extract/complete.json"
 RUN_FILE = "run.json"
 HEADLINE_SCORER = "correlation"
 SCORE_COLUMNS = ["score", "score_top", "score_random", "r2", "absdev", "null_reason", "simulator_model",
@@ -372,7 +372,7 @@ def _read_partition(store: RunStore, table: str, layer: int, neuron: int, shard:
     cols = [f.name for f in TABLES[table] if f.name != "layer"]
     files = []
     if shard is not None:
-        files = [p for name in dict.fromkeys((shard, "imported"))
+        files = [p for name in dict.fromkeys((shard, IMPORTED))
                  if store.exists(rel := f"{table}/layer={layer}/shard-{name}.parquet") for p in [store.path(rel)]]
     if not files:
         files = sorted(p for p in store.list_files(f"{table}/layer={layer}") if _visible(p, base))
