@@ -133,12 +133,20 @@ def test_the_fused_forward_leaves_the_model_as_it_was(tiny_llama):
         assert torch.equal(tiny_llama.model(token_ids).logits, want)
 
 
-def test_the_compiled_fused_path_records_what_the_eager_model_computes(tiny_llama, caplog):
+@pytest.mark.parametrize("slice_windows", [None, 3])
+def test_the_compiled_fused_path_records_what_the_eager_model_computes(tiny_llama, caplog, monkeypatch,
+                                                                       slice_windows):
     """torch.compile fuses the neuron step with the reductions and emulates eager's bf16 roundings, so the
-    records hold the model's own activations, bit for bit (and the summaries agree)."""
+    records hold the model's own activations, bit for bit (and the summaries agree). With `slice_windows`,
+    the capture computes each batch of 8 in slices of 3, 3 and 2 windows, as it does on a CPU for real-sized
+    models (a tiny model's batch fits one slice)."""
     import copy
 
+    import workers.extract as ex
     from workers.models import wrap
+    if slice_windows:
+        monkeypatch.setattr(ex, "CPU_SLICE_BYTES", slice_windows * 16 * 64 * 2)
+        assert ex.slice_rows(torch.zeros(8, 16, 64, dtype=torch.bfloat16)) == slice_windows
     model = wrap(copy.deepcopy(tiny_llama.model).to(torch.bfloat16), tiny_llama.tokenizer, "tiny-llama-bf16")
     token_ids, seq_ids = windows_of(model, n=24)
     spec = CollectorSpec([0, 1], 64, 16, top_k=4, n_random=3, seed=SEED, corpus=seq_ids.tolist())

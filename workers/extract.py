@@ -206,23 +206,45 @@ def seq_ids_of(keys: torch.Tensor) -> torch.Tensor:
     return LOW_MASK - (keys & LOW_MASK)
 
 
-def window_summaries(x: torch.Tensor, seq_ids: torch.Tensor, floor: torch.Tensor):
-    """[B, T, N] activations -> (top keys [N, B], which of them reach the top reservoir's `floor` [N, 1] and
-    how many per neuron, window maxima [B, N] float32, and the batch's moments per neuron: mean, M2 (float64),
-    count of tokens > 0). One read of x when compiled (`compiled_summaries`).
-    Per-window sums are float32 (T terms) and centred per window before they are combined in float64."""
+def window_reductions(x: torch.Tensor):
+    """[B, T, N] activations -> per-window [B, N] float32: max, sum, sum of squares, count of tokens > 0.
+    Every number is a reduction over T only, so that compiled they share one loop over x (a count over
+    (B, T) at once was a second full read of x in Inductor's code). Counts are exact in float32 (T < 2**24)."""
     xf = x.float()
-    t = x.shape[1]
-    wmax = xf.amax(1)
-    s1, s2 = xf.sum(1).double(), (xf * xf).sum(1).double()
-    npos = (xf > 0).sum((0, 1))
+    return xf.amax(1), xf.sum(1), (xf * xf).sum(1), (xf > 0).float().sum(1)
+
+
+def batch_summaries(t: int, wmax, s1, s2, npos_w, seq_ids: torch.Tensor, floor: torch.Tensor):
+    """Per-window reductions of a batch of windows of T = `t` tokens -> `window_summaries`' output."""
+    s1, s2 = s1.double(), s2.double()
     mean_w = s1 / t
     m2_w = (s2 - s1 * mean_w).clamp_min(0)
     mean_b = mean_w.mean(0)
     m2_b = m2_w.sum(0) + t * (mean_w - mean_b).square().sum(0)
     keys = pack_keys(float_order_key(wmax.T), seq_ids)
     enter = keys >= floor
-    return keys, enter, enter.sum(1), wmax, mean_b, m2_b, npos
+    return keys, enter, enter.sum(1), wmax, mean_b, m2_b, npos_w.sum(0).to(torch.int64)
+
+
+def window_summaries(x: torch.Tensor, seq_ids: torch.Tensor, floor: torch.Tensor):
+    """[B, T, N] activations -> (top keys [N, B], which of them reach the top reservoir's `floor` [N, 1] and
+    how many per neuron, window maxima [B, N] float32, and the batch's moments per neuron: mean, M2 (float64),
+    count of tokens > 0). One read of x when compiled (`compiled_summaries`).
+    Per-window sums are float32 (T terms) and centred per window before they are combined in float64."""
+    return batch_summaries(x.shape[1], *window_reductions(x), seq_ids, floor)
+
+
+# On a CPU the fused capture computes a batch in slices of about this many bytes of activations, so that the
+# reductions read each slice from the core's L2 cache right after the neuron step wrote it (Inductor's CPU code
+# runs the step and the reductions as two loops; over a whole batch the second one reads from memory).
+CPU_SLICE_BYTES = 2 ** 21
+
+
+def slice_rows(x: torch.Tensor) -> int:
+    """Windows per slice of the fused capture for an input like x [B, T, N] (all of them off a CPU)."""
+    if x.device.type != "cpu":
+        return x.shape[0]
+    return max(1, CPU_SLICE_BYTES // (x.shape[1] * x.shape[2] * x.element_size()))
 
 
 # Inductor computes a chain of elementwise ops in float32 and rounds once; eager PyTorch rounds after every op.
@@ -259,15 +281,25 @@ def compiled_summaries():
 
 def fused_capture(kind: str, act: torch.nn.Module, compile: bool):
     """The MLP's neuron step and `window_summaries` as one function: (inputs, seq_ids, floor) -> (activations,
-    *summaries). Compiled, the reductions read each activation while it is computed instead of from memory
-    afterwards, and the step itself is one kernel instead of eager's one per op."""
+    *summaries). Compiled, the reductions read each activation while it is computed (on a GPU) or while it is
+    in cache (on a CPU, slice by slice: `slice_rows`) instead of from memory afterwards, and the step itself is
+    one kernel instead of eager's one per op. The slices are unrolled at trace time (the shapes are static)."""
     from workers.models import elementwise_of
 
     elementwise = elementwise_of(kind, act)
 
     def capture(inputs, seq_ids, floor):
-        h = elementwise(*inputs)
-        return (h, *window_summaries(h, seq_ids, floor))
+        b = inputs[0].shape[0]
+        rows = slice_rows(inputs[0]) if compile else b
+        if rows >= b:
+            h = elementwise(*inputs)
+            return (h, *window_summaries(h, seq_ids, floor))
+        hs, parts = [], []
+        for i in range(0, b, rows):
+            hs.append(elementwise(*(t[i:i + rows] for t in inputs)))
+            parts.append(window_reductions(hs[-1]))
+        h = torch.cat(hs)
+        return (h, *batch_summaries(h.shape[1], *(torch.cat(p) for p in zip(*parts)), seq_ids, floor))
     return compile_or_eager(capture) if compile else capture
 
 
