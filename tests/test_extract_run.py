@@ -274,11 +274,20 @@ def test_two_ray_actors_over_halves_equal_one_worker_over_all(tmp_path, referenc
 
 
 @pytest.mark.real_model
-def test_default_model_records_equal_a_fresh_forward(tmp_path, default_model):
+@pytest.mark.parametrize("compiled", [False, True])
+def test_default_model_records_equal_a_fresh_forward(tmp_path, default_model, compiled, monkeypatch, caplog):
+    """Eager, and compiled as real-sized runs are, computing each batch of 4 in slices of 3 and 1 windows
+    (`slice_rows`; a whole corpus run on a CPU slices its batches the same way)."""
+    import workers.extract as ex
     cfg = SweepConfig.from_dict({"corpus": {"seq_len": 16, "max_windows": 12}, "layers": "0,29",
                                  "model": {"batch_size": 4}, "output": str(tmp_path)})
     store = RunStore.open(str(tmp_path), create=True)
-    run_extraction(cfg, store, use_ray=False, chunk_windows=4)  # batches of 4, like the check below
+    if compiled:
+        item = next(default_model.model.parameters()).element_size()
+        monkeypatch.setattr(ex, "CPU_SLICE_BYTES", 3 * 16 * 1536 * item)
+    # batches of 4, like the check below
+    run_extraction(cfg, store, use_ray=False, chunk_windows=4, compile=compiled)
+    assert "running them eagerly" not in caplog.text
     seqs = store.read_table("sequences")
     token_ids = torch.tensor(seqs["token_ids"].to_pylist())
     acts = {}

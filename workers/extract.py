@@ -19,7 +19,8 @@ tie-breaking included, and a merge of two reservoirs is the reservoir of the uni
 Cost, per layer and batch, is what decides the design (the forward of one layer is ~20 ms on the 2-core dev
 CPU): one fused pass over the [B, T, N] activations gives every per-window number at once; the top reservoir
 has spare slots and a per-neuron floor, so a batch costs a compare plus copies of the few windows above the
-floor, and the floor (a top-k over the reservoir) is recomputed only when a neuron's spare slots run out.
+floor, and the floor (a top-k over the reservoir and the batch) is recomputed only when a neuron's spare slots
+run out or a batch floods the reservoir.
 
 No Ray here: `ExtractWorker` (model + collector + checkpoint files in a run store) is what the Ray actor wraps.
 """
@@ -326,10 +327,15 @@ class TopReservoir:
     `capacity` slots per neuron (k plus spares) and a per-neuron `floor`: every key >= floor is live, and the
     k largest live keys are the k largest keys offered so far. A window enters iff its key >= floor, into a
     free slot (key < floor) popped from the neuron's stack of free slots. When a neuron has too few free slots,
-    every neuron's floor is raised to its k-th largest key (one sort over the slots), which frees all but k
-    slots; after the first batches that is rare, so a batch costs a compare and copies of the windows above the
-    floor.
-    The copies go by flat indices into contiguous rows: on a CPU the per-entry cost is what a batch pays."""
+    or the batch would bring in more than `FLOOD` windows per neuron on average (the first batches of a run),
+    every neuron's floor is raised to the k-th largest key among its slots and the batch (a sort over the
+    slots, a top-k over the slots' k largest and the batch): then exactly the windows that belong to the top k
+    so far enter, and they always fit, as k - (live slots) of them enter and spare + that many slots are free.
+    After the first batches a raise is rare, so a batch costs a compare and copies of the windows above the
+    floor. The copies go by flat indices into contiguous rows: on a CPU the per-entry cost is what a batch
+    pays, most of it in the first batches, which is why a flood raises the floor first."""
+
+    FLOOD = 4
 
     def __init__(self, n_neurons: int, k: int, seq_len: int, dtype: torch.dtype, device, spare: int | None = None):
         self.k = k
@@ -355,14 +361,10 @@ class TopReservoir:
             n_enter = enter.sum(1)
         if not bool(n_enter.any()):
             return
-        if bool((n_enter > self.n_free).any()):
-            self._raise_floor()
+        if bool((n_enter > self.n_free).any()) or int(n_enter.sum()) > self.FLOOD * cand.shape[0]:
+            self._raise_floor(cand)
             enter = cand >= self.floor
             n_enter = enter.sum(1)
-            if bool((n_enter > self.n_free).any()):  # more entering windows than spare slots (batch > spare)
-                self._make_room(cand, n_enter)
-                enter = cand >= self.floor
-                n_enter = enter.sum(1)
         enter_n, enter_b = enter.nonzero(as_tuple=True)  # row-major
         # the i-th of all entering windows, the j-th of its neuron n, takes the free slot at stack position
         # n_free[n] - 1 - j = (n_free[n] - 1 + (index of n's first entering window)) - i
@@ -374,22 +376,14 @@ class TopReservoir:
         self.keys.view(-1)[flat] = cand[enter_n, enter_b]
         copy_windows(self.acts, flat, x, enter_n, enter_b)
 
-    def _raise_floor(self) -> None:
-        """Every neuron's floor up to its k-th largest key, from one sort that also orders the free slots."""
+    def _raise_floor(self, cand: torch.Tensor) -> None:
+        """Every neuron's floor up to its k-th largest key among the slots and the batch's `cand`, from one
+        sort that also orders the free slots."""
         keys, order = self.keys.sort(dim=1)
-        self.floor = torch.maximum(self.floor, keys[:, -self.k, None])
+        kth = torch.cat([keys[:, -self.k:], cand], dim=1).topk(self.k, dim=1, sorted=False).values.amin(1, True)
+        self.floor = torch.maximum(self.floor, kth)
         self.free_slots = order
         self.n_free = (keys < self.floor).sum(1)
-
-    def _make_room(self, cand: torch.Tensor, n_enter: torch.Tensor) -> None:
-        """Raise the floor of the neurons whose free slots cannot take this batch's entering windows to their
-        k-th largest key among the slots and the batch, and refill their stacks of free slots."""
-        rows = (n_enter > self.n_free).nonzero().squeeze(1)
-        keys = self.keys[rows]
-        floor = torch.cat([keys, cand[rows]], dim=1).topk(self.k, dim=1).values[:, -1:]
-        self.floor[rows] = floor
-        self.free_slots[rows] = keys.argsort(dim=1)  # ascending: the keys below the floor come first
-        self.n_free[rows] = (keys < floor).sum(1)
 
     def sorted(self) -> tuple[torch.Tensor, torch.Tensor, int]:
         """(keys [N, k], acts [N, k, T]) largest key first, and how many are real windows."""
