@@ -78,5 +78,4 @@ def test_sweep_survives_the_loss_of_a_worker_node(tmp_path):
 
 
 if __name__ == "__main__":
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     print(json.dumps(scenario(sys.argv[1])))

@@ -292,16 +292,14 @@ def fused_capture(kind: str, act: torch.nn.Module, compile: bool):
     def capture(inputs, seq_ids, floor):
         b = inputs[0].shape[0]
         rows = slice_rows(inputs[0]) if compile else b
-        if rows >= b:
-            h = elementwise(*inputs)
-            return (h, *window_summaries(h, seq_ids, floor))
-        hs, parts = [], []
-        for i in range(0, b, rows):
-            hs.append(elementwise(*(t[i:i + rows] for t in inputs)))
-            parts.append(window_reductions(hs[-1]))
-        h = torch.cat(hs)
-        return (h, *batch_summaries(h.shape[1], *(torch.cat(p) for p in zip(*parts)), seq_ids, floor))
+        hs = [elementwise(*(t[i:i + rows] for t in inputs)) for i in range(0, b, rows)]
+        h, reductions = _cat(hs), [_cat(list(r)) for r in zip(*map(window_reductions, hs))]
+        return (h, *batch_summaries(h.shape[1], *reductions, seq_ids, floor))
     return compile_or_eager(capture) if compile else capture
+
+
+def _cat(parts: list[torch.Tensor]) -> torch.Tensor:
+    return parts[0] if len(parts) == 1 else torch.cat(parts)
 
 
 def _warn_eager(error: Exception) -> None:
