@@ -35,10 +35,10 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from schemas.config import Corpus  # noqa: E402
-from workers.corpus import iter_windows  # noqa: E402
-from workers.extract import (ActivationCollector, ActivationExtractor, CollectorSpec,  # noqa: E402
+from workers.extract.corpus import iter_windows  # noqa: E402
+from workers.extract.worker import (ActivationCollector, ActivationExtractor, CollectorSpec,  # noqa: E402
                              compiled_summaries, window_summaries)
-from workers.models import load_subject  # noqa: E402
+from workers.models.loading import load_subject  # noqa: E402
 
 
 def timed(fn) -> float:
@@ -59,7 +59,7 @@ def gpt2_xl_shaped(n_layers: int, device: str, tokenizer):
     """GPT-2 XL's shape with random weights (no download needed), wrapped like a loaded model."""
     from transformers import AutoModelForCausalLM, GPT2Config
 
-    from workers.models import wrap
+    from workers.models.loading import wrap
 
     config = GPT2Config(n_embd=1600, n_layer=n_layers, n_head=25, n_positions=1024, vocab_size=50257)
     dtype = torch.bfloat16 if device == "cuda" else torch.float32

@@ -3,7 +3,7 @@
 Each planted neuron fires on a rule (digits, closing parentheses, the word "the", ...) over the default corpus
 (the standard library's help topics, cut by a simple word/punctuation tokenizer). Its valid split is simulated
 under the true explanation and under wrong ones, and the correlation scores are compared. This *reports*; it
-asserts nothing (tests/test_planted.py asserts the same with the rule-following stub).
+asserts nothing (tests/integration/test_planted.py asserts the same with the rule-following stub).
 
     .venv/bin/python bench/planted.py                       # embedded SmolLM2-135M, prompt-logprob mode
     .venv/bin/python bench/planted.py --mode logprob_free   # the chat format instead (slow on CPU)
@@ -20,9 +20,9 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from schemas.config import Simulator as SimulatorConfig  # noqa: E402
-from workers.scoring import correlation_score, split_records  # noqa: E402
-from workers.simulator import NeuronSimulator  # noqa: E402
-from workers.stub_backends import RULES, RuleStubBackend, planted_neuron, pydoc_windows  # noqa: E402
+from workers.method.scoring import correlation_score, split_records  # noqa: E402
+from workers.method.simulator import NeuronSimulator  # noqa: E402
+from testing.stubs import RULES, RuleStubBackend, planted_neuron, pydoc_windows  # noqa: E402
 
 DEFAULT_RULES = "digits,closing_paren,the,comma,of"
 
@@ -30,7 +30,7 @@ DEFAULT_RULES = "digits,closing_paren,the,comma,of"
 def make_backend(name: str, model: str):
     if name == "stub":
         return RuleStubBackend()
-    from workers.backends.local import LocalBackend
+    from workers.llm.backends.local import LocalBackend
     return LocalBackend.from_name(model)
 
 

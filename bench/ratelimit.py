@@ -28,7 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import ray  # noqa: E402
 
 from schemas.config import Backend  # noqa: E402
-from workers.testserver import Limits, Responder, TestServer, lognormal_latency  # noqa: E402
+from testing.testserver import Limits, Responder, TestServer, lognormal_latency  # noqa: E402
 
 WORDS = ["neuron", "token", "fires", "on", "the", "word", "python", "class", "value", "list", "loop", "when"]
 MAX_TOKENS = 100
@@ -50,8 +50,8 @@ def workload(n: int, seed: int = 0) -> list[str]:
 @ray.remote(num_cpus=0)
 class OursCaller:
     async def run(self, cfg_json: str, prompts: list[str]) -> dict:
-        from workers.backends.base import LLMError
-        from workers.llm_client import make_client
+        from workers.llm.backends.base import LLMError
+        from workers.llm.client import make_client
 
         cfg = Backend.model_validate_json(cfg_json)
         statuses: dict[str, int] = {}
@@ -78,8 +78,8 @@ class BaselineCaller:
     async def run(self, cfg_json: str, prompts: list[str], concurrency: int) -> dict:
         from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_attempt, wait_random_exponential
 
-        from workers.backends.base import LLMError, RateLimitedError, TransientLLMError
-        from workers.backends.openai_compat import OpenAICompatBackend
+        from workers.llm.backends.base import LLMError, RateLimitedError, TransientLLMError
+        from workers.llm.backends.openai_compat import OpenAICompatBackend
 
         backend = OpenAICompatBackend(Backend.model_validate_json(cfg_json), env={})
         semaphore = asyncio.Semaphore(concurrency)
@@ -125,7 +125,7 @@ def run_side(name: str, prompts: list[str], args, caller) -> tuple[dict, list[di
                       requests_per_minute=args.rpm, tokens_per_minute=args.tpm, concurrency=args.concurrency,
                       timeout_s=30, max_retries=8)
         if name == "ours":
-            from workers.llm_client import shared_limiter_for
+            from workers.llm.client import shared_limiter_for
 
             shared_limiter_for(cfg, use_ray=True)  # the driver creates and owns the named limiter
         shares = [prompts[i::args.actors] for i in range(args.actors)]

@@ -35,9 +35,9 @@ def journal_path(cfg: SweepConfig, store: RunStore, cache_dir: Path | None = Non
 
 def method_processor(cfg: SweepConfig, env: Mapping[str, str], journal):
     """The published method through our LLM clients (journal, retries, shared rate limiter)."""
-    from workers.backends import make_backend
-    from workers.llm_client import make_client
-    from workers.neuron import explain_and_score
+    from workers.llm.backends import make_backend
+    from workers.llm.client import make_client
+    from workers.method.neuron import explain_and_score
 
     backends = {}
     for role in ("explainer", "simulator"):
@@ -52,7 +52,7 @@ def method_processor(cfg: SweepConfig, env: Mapping[str, str], journal):
                             backend=backends["simulator"])
     embedder = None
     if "embedding" in cfg.scorers:
-        from workers.embedding import MiniLMEmbedder
+        from workers.method.embedding import MiniLMEmbedder
         embedder = MiniLMEmbedder()
     probed: list = []
 
@@ -68,14 +68,14 @@ def build_runner(cfg: SweepConfig, env: Mapping[str, str], *, mode: str = "metho
                  s3_options: dict | None = None) -> ShardRunner:
     store = RunStore.open(cfg.output, s3_options=s3_options)
     if mode.startswith("instant"):
-        from orchestrator.instant import InstantProcessor, SyntheticRecordSource
+        from testing.instant import InstantProcessor, SyntheticRecordSource
         delay = float(mode.partition(":")[2] or 0)
         return ShardRunner(cfg, store, InstantProcessor(cfg, delay), SyntheticRecordSource(cfg))
     if mode == "stub":  # the real method against an instant rule-following backend, on synthetic records
-        from orchestrator.instant import SyntheticRecordSource
-        from workers.llm_client import LLMClient
-        from workers.neuron import explain_and_score
-        from workers.stub_backends import RuleStubBackend
+        from testing.instant import SyntheticRecordSource
+        from workers.llm.client import LLMClient
+        from workers.method.neuron import explain_and_score
+        from testing.stubs import RuleStubBackend
 
         explainer, simulator = (LLMClient(RuleStubBackend(), role=role, on_call=record_call)
                                 for role in ("explainer", "simulator"))
@@ -83,7 +83,7 @@ def build_runner(cfg: SweepConfig, env: Mapping[str, str], *, mode: str = "metho
         async def process(records):
             return await explain_and_score(records, explainer, simulator, cfg)
         return ShardRunner(cfg, store, process, SyntheticRecordSource(cfg, full=True))
-    from workers.journal import CallJournal
+    from workers.llm.journal import CallJournal
 
     journal = CallJournal(journal_path(cfg, store))
     if not store.is_local:  # a fresh node: learn the calls that committed shards already paid for
@@ -208,7 +208,7 @@ def run_sweep(cfg: SweepConfig, env: Mapping[str, str], *, retry_failed: bool = 
     secrets = {} if instant else required_secrets(cfg, env)
     store = RunStore.open(cfg.output, s3_options=s3_options, create=True)
     if instant and not store.exists(EXTRACT_MARKER):  # synthetic records: the planner takes the shape from here
-        from orchestrator.instant import synthetic_shape
+        from testing.instant import synthetic_shape
 
         n_layers, n_neurons = synthetic_shape(cfg)
         store.write_json(EXTRACT_MARKER, {"model": {"name": IMPORTED, "n_layers": n_layers,
@@ -222,7 +222,7 @@ def run_sweep(cfg: SweepConfig, env: Mapping[str, str], *, retry_failed: bool = 
     started_ray = init_ray(cfg)
     try:
         if not store.exists(EXTRACT_MARKER):
-            from orchestrator.extract_run import run_extraction
+            from orchestrator.extraction import run_extraction
             metrics.queue_depth.labels("extract").set(1)
             run_extraction(cfg, store, progress=extract_progress, metrics=metrics)
             metrics.queue_depth.labels("extract").set(0)
@@ -316,7 +316,7 @@ def _explain_stage(cfg, store, plan: Plan, secrets, *, retry_failed, mode, s3_op
 def _shared_limiters(cfg: SweepConfig) -> list:
     """Create the cluster-wide rate limiter actors here, so they live as long as the driver (an actor that
     created one would take it down with it); the API actors find them by name."""
-    from workers.llm_client import shared_limiter_for
+    from workers.llm.client import shared_limiter_for
 
     return [shared_limiter_for(getattr(cfg, role), use_ray=True) for role in ("explainer", "simulator")
             if getattr(cfg, role).kind != "local"]

@@ -62,7 +62,7 @@ def model_shape(cfg: SweepConfig, store: RunStore) -> dict:
         if isinstance(m, dict) and m.get("name") == IMPORTED:
             return {"name": IMPORTED, "architecture": m.get("architecture", "unknown"),
                     "n_layers": int(m["n_layers"]), "n_neurons": int(m["n_neurons"]), "max_positions": None}
-    from workers.models import model_info
+    from workers.models.loading import model_info
 
     info = model_info(cfg.model.name)
     return {"name": info.name, "architecture": info.architecture, "n_layers": info.n_layers,

@@ -21,8 +21,8 @@ from orchestrator.plan import Shard
 from orchestrator.store import RunStore
 from schemas.config import SweepConfig
 from schemas.tables import to_table
-from workers.backends.base import Usage
-from workers.records import ActivationRecord, NeuronRecords
+from workers.llm.backends.base import Usage
+from workers.method.records import ActivationRecord, NeuronRecords
 
 MARKERS = "_markers"
 
@@ -50,7 +50,7 @@ class StoreRecordSource:
         return self._tokens
 
     def load(self, shard: Shard) -> dict[int, NeuronRecords]:
-        from orchestrator.extract_run import read_records
+        from orchestrator.extraction import read_records
 
         t = read_records(self.store, shard.layer, shard.neurons[0], shard.neurons[-1] + 1,
                          columns=["neuron", "kind", "rank", "seq_id", "activations"])
@@ -64,7 +64,7 @@ class StoreRecordSource:
 
 
 # --- what happens to one neuron ------------------------------------------------------------------------------------
-NeuronProcessor = Callable[[NeuronRecords], Awaitable["object"]]  # -> workers.neuron.NeuronResult
+NeuronProcessor = Callable[[NeuronRecords], Awaitable["object"]]  # -> workers.method.neuron.NeuronResult
 
 
 @dataclass

@@ -1,4 +1,0 @@
-"""The local web viewer of a run (`neuronsweep view RUN`); see `app.py`."""
-from orchestrator.viewer.app import create_app, serve
-
-__all__ = ["create_app", "serve"]

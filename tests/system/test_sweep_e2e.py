@@ -1,0 +1,253 @@
+"""The real pipeline end to end: tiny subject model, real extraction, the method through the OpenAI-compatible
+test server (rule-following answers, real HTTP, journal, retries, shared limiter), commits and resume."""
+import os
+import random
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+import pytest
+import ray
+import yaml
+
+from orchestrator.pipeline import committed_summaries, run_sweep
+from orchestrator.plan import build_plan, model_shape
+from orchestrator.store import RunStore
+from schemas.config import SweepConfig
+from testing.stubs import RuleResponder
+from testing.testserver import TestServer, fixed_latency
+
+KEY_VAR, KEY = "NS_TEST_API_KEY", "sk-test-do-not-leak-4f9a1c"
+ENV = {KEY_VAR: KEY}
+
+
+def config(out, server, **kw) -> dict:
+    backend = {"kind": "openai", "model": "rule-stub", "base_url": server.base_url, "api_key_env": KEY_VAR,
+               "requests_per_minute": 60_000, "tokens_per_minute": 50_000_000, "concurrency": 16,
+               "max_retries": 3, "timeout_s": 10}
+    cfg = {"model": {"name": "tiny-gpt2", "batch_size": 16}, "corpus": {"seq_len": 16, "max_windows": 160},
+           "layers": "0-1", "neurons": "0-11", "shard_size": 4, "output": str(out), "metrics_port": 0,
+           "explainer": {**backend, "capabilities": "chat"},
+           "simulator": {**backend, "capabilities": "chat_logprobs"},
+           "scorers": ["correlation", "detection"]}
+    for k, v in kw.items():
+        cfg[k] = {**cfg[k], **v} if isinstance(v, dict) and isinstance(cfg.get(k), dict) else v
+    return cfg
+
+
+@pytest.fixture
+def server():
+    with TestServer(responder=RuleResponder()) as s:
+        yield s
+
+
+@pytest.fixture(scope="module")
+def ray_local():
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield
+    ray.shutdown()
+
+
+def table_rows(store, table, cols):
+    t = store.read_table(table, columns=cols)
+    return sorted(tuple(r[c] for c in cols) for r in t.to_pylist())
+
+
+def assert_complete(store, planned=24):
+    for table in ("ledger", "explanations", "scores"):
+        rows = table_rows(store, table, ["layer", "neuron"] + (["scorer"] if table == "scores" else []))
+        assert len(rows) == len(set(rows)), f"duplicate rows in {table}"
+    ledger = table_rows(store, "ledger", ["layer", "neuron", "status"])
+    assert len(ledger) == planned
+    done = {(l, n) for l, n, s in ledger if s == "done"}
+    assert {(l, n) for l, n in table_rows(store, "explanations", ["layer", "neuron"])} == done
+    for scorer in ("correlation", "detection"):
+        assert {(l, n) for l, n, s in table_rows(store, "scores", ["layer", "neuron", "scorer"]) if s == scorer} == done
+
+
+@pytest.mark.slow
+def test_sweep_end_to_end_with_the_method(tmp_path, server, ray_local):
+    cfg = SweepConfig.from_dict(config(tmp_path / "run", server))
+    o = run_sweep(cfg, ENV)
+    store = RunStore.open(cfg.output)
+    assert o.complete and o.planned == 24 and o.done + o.skipped == 24 and o.failed == 0
+    assert o.done >= 12  # tiny random GPT-2 neurons: most fire above 0 somewhere
+    assert_complete(store)
+    scores = [r for r in store.read_table("scores").to_pylist() if r["scorer"] == "correlation"]
+    assert all(r["simulator_mode"] == "generated_logprob" for r in scores)
+    assert o.prompt_tokens > 0
+    # every distinct paid request is in the journal (two actors may race on one identical request, e.g. the
+    # same explanation simulated on the same random window for two neurons; the journal then holds it once)
+    assert journal_size(Path(cfg.output)) == len(server.served)
+    # each committed shard carries the journal rows of the calls it used (a shared answer in each shard using it)
+    assert len(set(store.read_table("calls").column("key").to_pylist())) == len(server.served)
+    # the viewer and the report read a real sweep's output
+    from fastapi.testclient import TestClient
+    from orchestrator.results.viewer.app import create_app
+    client = TestClient(create_app(cfg.output))
+    assert client.get("/").status_code == 200
+    done = next(r for r in store.read_table("ledger").to_pylist() if r["status"] == "done")
+    page = client.get(f"/neuron/{done['layer']}/{done['neuron']}")
+    assert page.status_code == 200 and "data-act=" in page.text and "data-sim=" in page.text
+    assert client.get("/api/run").json()
+    # the key never reaches any file of the run
+    for path in Path(cfg.output).rglob("*"):
+        if path.is_file():
+            assert KEY.encode() not in path.read_bytes(), path
+
+
+@pytest.mark.slow
+def test_provider_faults_are_recorded_and_retry_failed_finishes(tmp_path, server, ray_local):
+    server.fault_rates = {"500": 0.08, "malformed": 0.04, "drop": 0.02}
+    cfg = SweepConfig.from_dict(config(tmp_path / "run", server, explainer={"max_retries": 1},
+                                       simulator={"max_retries": 1}))
+    o = run_sweep(cfg, ENV)
+    store = RunStore.open(cfg.output)
+    assert o.complete and o.failed > 0 and o.done > 0  # the sweep went on past failing neurons
+    ledger = store.read_table("ledger").to_pylist()
+    failed = [r for r in ledger if r["status"] == "failed"]
+    assert all(r["error"] for r in failed) and len(failed) == o.failed
+    print(sorted({r["error"] for r in failed}))
+    assert set(o.failures) <= {"malformed", "server_error", "connection"}
+    assert_complete(store)
+    server.fault_rates = {}
+    again = run_sweep(cfg, ENV, retry_failed=True)
+    assert again.failed == 0 and again.done + again.skipped == 24
+    assert_complete(store)
+    retried = {(r["layer"], r["neuron"]) for r in failed}
+    assert all(r["attempts"] == 2 for r in store.read_table("ledger").to_pylist()
+               if (r["layer"], r["neuron"]) in retried)
+
+
+def test_a_missing_api_key_fails_before_any_work(tmp_path, server):
+    cfg = SweepConfig.from_dict(config(tmp_path / "run", server))
+    from schemas.config import ConfigError
+    with pytest.raises(ConfigError, match=f"explainer.api_key_env: environment variable {KEY_VAR} is not set"):
+        run_sweep(cfg, {})
+    assert not (tmp_path / "run").exists()
+
+
+def journal_size(run: Path) -> int:
+    db = run / "_journal" / "calls.sqlite"
+    if not db.exists():
+        return 0
+    with sqlite3.connect(db) as c:
+        return c.execute("SELECT COUNT(*) FROM calls").fetchone()[0]
+
+
+@pytest.mark.slow
+def test_kill_9_of_the_driver_then_resume(tmp_path):
+    """SIGKILL the driver at a random point, resume: the same tables as an uninterrupted run, no duplicate
+    rows, and no call the journal holds is paid for again (counted at the test server)."""
+    with TestServer(responder=RuleResponder()) as ref_server:
+        ref = SweepConfig.from_dict(config(tmp_path / "ref", ref_server))
+        subprocess.run([sys.executable, "-m", "orchestrator.cli.app", "sweep", "-c", _write(tmp_path / "ref.yaml", ref)],
+                       env={**os.environ, **ENV}, check=True, capture_output=True, timeout=300)
+
+    # Ray's shard actors outlive the killed driver for a moment and may commit the shards they hold; when
+    # they commit all of them, there is nothing left to resume, and the scenario is tried again afresh.
+    for attempt in range(3):
+        run = tmp_path / f"run-{attempt}"
+        if _kill_then_resume(run, tmp_path / f"run-{attempt}.yaml"):
+            break
+    else:
+        pytest.fail("in 3 attempts the driver was never killed before the sweep was done")
+
+    ref_store, store = RunStore.open(ref.output), RunStore.open(str(run))
+    assert_complete(store)
+    for table, cols in [("ledger", ["layer", "neuron", "status"]),
+                        ("explanations", ["layer", "neuron", "explanation", "candidate"]),
+                        ("scores", ["layer", "neuron", "scorer", "score"])]:
+        assert table_rows(store, table, cols) == table_rows(ref_store, table, cols), table
+
+
+def _kill_then_resume(run: Path, cfg_path: Path) -> bool:
+    """Start a sweep, SIGKILL its driver after a random number of committed shards, resume it, and check that
+    no call the journal holds was paid for again. False when the kill came too late (every shard committed)."""
+    with TestServer(responder=RuleResponder(), latency=fixed_latency(0.03)) as server:
+        cfg = SweepConfig.from_dict(config(run, server))
+        cfg_file = _write(cfg_path, cfg)
+        stop_after = random.Random().randint(1, 4)
+        p = subprocess.Popen([sys.executable, "-m", "orchestrator.cli.app", "sweep", "-c", cfg_file],
+                             env={**os.environ, **ENV}, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                             start_new_session=True)
+        store = RunStore.open(str(run))
+        deadline = time.monotonic() + 240
+        while time.monotonic() < deadline and p.poll() is None:
+            if (run / "_markers").exists() and len(committed_summaries(store)) >= stop_after:
+                break
+            time.sleep(0.05)
+        if p.poll() is not None:  # finished before it could be killed
+            return False
+        os.kill(p.pid, signal.SIGKILL)  # the driver only; its in-process Ray is left to notice
+        p.wait()
+        committed_at_kill = len(committed_summaries(store))
+        if committed_at_kill == len(build_plan(cfg, model_shape(cfg, store)).shards):
+            return False
+        time.sleep(1.0)
+        served_before = Counter(server.served)
+        journaled = journal_size(run)
+        r = subprocess.run([sys.executable, "-m", "orchestrator.cli.app", "resume", str(run)],
+                           env={**os.environ, **ENV}, capture_output=True, text=True, timeout=300)
+        assert r.returncode == 0, r.stderr[-2000:]
+        repeated = sum(1 for k, n in server.served.items() if n > served_before.get(k, 0) and served_before.get(k))
+        in_flight_at_kill = sum(served_before.values()) - journaled
+        print(f"killed after {committed_at_kill} shards: journaled={journaled} in_flight_at_kill={in_flight_at_kill} "
+              f"repeated={repeated}")
+        assert repeated <= max(0, in_flight_at_kill), (repeated, in_flight_at_kill)
+
+    return True
+
+
+def _write(path: Path, cfg: SweepConfig) -> str:
+    path.write_text(yaml.safe_dump(cfg.model_dump(mode="json")))
+    return str(path)
+
+
+def test_explain_one_neuron_from_the_cli(tmp_path, server, ray_local, monkeypatch, capsys):
+    """`neuronsweep explain` after the extraction: one neuron in-process, printed, nothing committed."""
+    from orchestrator.cli.app import main
+    from orchestrator.extraction import run_extraction
+
+    cfg = SweepConfig.from_dict(config(tmp_path / "run", server, layers="1"))
+    run_extraction(cfg, RunStore.open(cfg.output, create=True))
+    monkeypatch.setenv(KEY_VAR, KEY)
+    args = ["explain", "--layer", "1", "--neuron", "5", "--out", cfg.output, "--model", "tiny-gpt2",
+            *[f"--set={k}={v}" for k, v in [("explainer.kind", "openai"), ("explainer.base_url", server.base_url),
+                                              ("explainer.api_key_env", KEY_VAR), ("explainer.model", "rule-stub"),
+                                              ("explainer.capabilities", "chat"), ("simulator.kind", "openai"),
+                                              ("simulator.base_url", server.base_url), ("simulator.model", "rule-stub"),
+                                              ("simulator.api_key_env", KEY_VAR),
+                                              ("simulator.capabilities", "chat_logprobs")]]]
+    assert main(args) == 0
+    text = capsys.readouterr().out
+    assert "layer 1 neuron 5" in text and "correlation" in text and "[generated_logprob]" in text
+    assert not (tmp_path / "run" / "_markers").exists()
+    assert main(["explain", "--layer", "0", "--neuron", "5", "--out", cfg.output, "--model", "tiny-gpt2"]) == 2
+
+
+@pytest.mark.real_model
+@pytest.mark.slow
+def test_main_job_on_the_embedded_default(tmp_path):
+    """The README's main job, shrunk: SmolLM2-135M as subject, explainer and simulator (local backend, no
+    network, no key), the stdlib corpus, through the CLI and in-process Ray."""
+    demo = yaml.safe_load(Path(__file__).resolve().parents[2].joinpath("examples/demo.yaml").read_text())
+    demo.update(layers="5", neurons="7", shard_size=1, output=str(tmp_path / "demo"), metrics_port=0)
+    demo["corpus"]["max_windows"] = 80
+    f = tmp_path / "demo.yaml"
+    f.write_text(yaml.safe_dump(demo))
+    r = subprocess.run([sys.executable, "-m", "orchestrator.cli.app", "sweep", "-c", str(f)], capture_output=True,
+                       text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "1 done, 0 failed, 0 skipped of 1" in r.stdout
+    store = RunStore.open(str(tmp_path / "demo"))
+    (score,) = [s for s in store.read_table("scores").to_pylist() if s["scorer"] == "correlation"]
+    assert score["simulator_mode"] == "prompt_logprob" and score["simulator_model"] == "smollm2-135m"
+    assert store.read_table("explanations").column("explanation").to_pylist()[0].strip()
+    st = subprocess.run([sys.executable, "-m", "orchestrator.cli.app", "status", str(tmp_path / "demo")],
+                        capture_output=True, text=True, timeout=120)
+    assert st.returncode == 0 and "done" in st.stdout

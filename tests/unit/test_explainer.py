@@ -1,0 +1,77 @@
+"""The explainer (SPEC.md §4): prompt from the train records, cleanup, retries, best-of-k."""
+import asyncio
+
+import pytest
+
+from schemas.config import Explainer as ExplainerConfig
+from workers.llm.backends.base import Capabilities, ChatResponse, PermanentLLMError, Usage
+from workers.method.explainer import NeuronExplainer, explainer_prompt
+from workers.method.records import ActivationRecord
+from testing.stubs import ScriptedBackend
+
+TRAIN = [ActivationRecord(1, ["a", " b"], [1.0, 2.0]), ActivationRecord(2, ["\n", "c"], [4.0, -1.0])]
+
+
+def _explain(backend, **cfg):
+    explainer = NeuronExplainer(backend, ExplainerConfig(**cfg))
+    return explainer, asyncio.run(explainer.explain(TRAIN))
+
+
+def test_prompt_normalizes_over_all_train_records_together():
+    assert explainer_prompt(TRAIN)[-1]["content"].startswith(
+        "Activations:\n<text 1>\na\t2\n b\t5\n</text 1>\n<text 2>\n⏎\t10\nc\t0\n</text 2>")
+
+
+def test_one_explanation_at_temperature_zero_cleaned():
+    backend = ScriptedBackend(["The main thing this neuron does is find letters after a space."])
+    explainer, [cand] = _explain(backend, max_tokens=40)
+    assert (cand.index, cand.text, cand.error, cand.attempts) == (0, "letters after a space", None, 1)
+    assert backend.requests[0]["temperature"] == 0.0 and backend.requests[0]["max_tokens"] == 40
+    assert backend.requests[0]["messages"] == explainer_prompt(TRAIN)
+    assert cand.usage == explainer.usage == Usage(10, 5)
+
+
+def test_unusable_answers_are_retried_then_recorded_as_failed():
+    backend = ScriptedBackend(["", "The main thing this neuron does is find.", "..."])
+    explainer, [cand] = _explain(backend)
+    assert cand.text is None and "after 3 attempts" in cand.error
+    assert [(r["temperature"], r["seed"]) for r in backend.requests] == [(0.0, None), (0.7, 2), (0.7, 3)]
+    assert explainer.usage == Usage(30, 15)  # failed calls are paid for and counted
+
+
+def test_a_retry_can_succeed():
+    backend = ScriptedBackend(["   ", "commas in lists"])
+    _, [cand] = _explain(backend)
+    assert (cand.text, cand.attempts) == ("commas in lists", 2)
+
+
+class SeededBackend:
+    """Answers by the request's seed, so concurrent candidates are told apart."""
+    provider, model, capabilities = "seeded", "seeded", Capabilities(chat=True)
+
+    def __init__(self, by_seed):
+        self.by_seed, self.requests = by_seed, []
+
+    async def chat(self, messages, *, max_tokens, temperature=0.0, top_logprobs=None, seed=None):
+        self.requests.append((temperature, seed))
+        return ChatResponse(self.by_seed[seed], Usage(10, 5))
+
+    async def prompt_logprobs(self, prompt, offsets, *, top_k):
+        raise NotImplementedError
+
+    async def aclose(self):
+        return None
+
+
+def test_best_of_k_samples_k_distinct_candidates_at_temperature_one():
+    # seeds: candidate i, attempt n -> i * 3 + n
+    backend = SeededBackend({1: "digits", 4: "", 5: "", 6: "", 7: "closing parentheses"})
+    _, cands = _explain(backend, best_of=3)
+    assert [(c.index, c.text) for c in cands] == [(0, "digits"), (1, None), (2, "closing parentheses")]
+    assert "after 3 attempts" in cands[1].error
+    assert sorted(backend.requests) == [(1.0, s) for s in (1, 4, 5, 6, 7)]
+
+
+def test_backend_errors_propagate_to_the_caller():
+    with pytest.raises(PermanentLLMError):
+        _explain(ScriptedBackend([PermanentLLMError("401 unauthorized", status=401)]))

@@ -1,0 +1,154 @@
+"""Scorers (SPEC.md §6): correlation columns, detection, fuzzing, embedding."""
+import asyncio
+import json
+
+import numpy as np
+import pytest
+
+from workers.llm.backends.base import Capabilities, Usage
+from workers.method.records import ActivationRecord
+from workers.method.scorers import (NO_NEGATIVES, active_positions, correlation_columns, detection_columns,
+                             embedding_columns, fuzzing_columns, non_activating)
+from testing.stubs import RuleStubBackend, ScriptedBackend
+
+CHAT = Capabilities(chat=True)
+
+
+def _rec(seq_id, tokens, acts, kind="top"):
+    return ActivationRecord(seq_id, tokens, acts, kind)
+
+
+# --- correlation -------------------------------------------------------------------------------------------
+def test_correlation_columns_overall_top_random_and_per_record():
+    valid = [_rec(1, ["a", "b"], [0.0, 1.0]), _rec(2, ["c", "d"], [2.0, 3.0]),
+             _rec(3, ["e", "f"], [0.0, 0.0], "random")]
+    sim = [[0.0, 1.0], [2.0, 3.0], [0.0, 5.0]]
+    calibration = [_rec(4, ["g", "h", "i"], [0.0, 2.0, 4.0])]
+    cols = correlation_columns(valid, sim, calibration, [[0.0, 1.0, 2.0]])
+    # overall: true [0,1,2,3,0,0] (mean 1) vs sim [0,1,2,3,0,5] (mean 11/6):
+    # co-deviation sum 3, squared deviation sums 8 and 678/36
+    assert cols["score"] == pytest.approx(3 / np.sqrt(8 * 678 / 36))
+    assert cols["score_top"] == pytest.approx(1.0)
+    assert cols["score_random"] is None
+    assert cols["per_sequence"] == [pytest.approx(1.0), pytest.approx(1.0), None]
+    assert cols["null_reason"] == "score_random: constant true activations"
+    # calibration fit true = 2 * sim: predictions [0,2,4,6,0,10] against [0,1,2,3,0,0]
+    assert cols["_calibration"] == {"a": pytest.approx(2.0), "b": pytest.approx(0.0)}
+    assert cols["r2"] == pytest.approx(1 - (0 + 1 + 4 + 9 + 0 + 100) / 14)
+    assert cols["absdev"] == pytest.approx(1 - (0 + 1 + 2 + 3 + 0 + 10) / 6)
+    assert cols["seq_ids"] == [1, 2, 3]
+
+
+def test_split_without_random_records_says_so():
+    valid = [_rec(1, ["a", "b"], [0.0, 1.0])]
+    cols = correlation_columns(valid, [[0.0, 1.0]], valid, [[0.0, 1.0]])
+    assert cols["score"] == pytest.approx(1.0)
+    assert cols["null_reason"] == "score_random: no random records in the split"
+
+
+def test_non_activating_windows_stay_at_or_below_zero():
+    recs = [_rec(1, ["a"], [0.0], "random"), _rec(2, ["b"], [0.01], "random"), _rec(3, ["c"], [-2.0], "random")]
+    assert [r.seq_id for r in non_activating(recs)] == [1, 3]
+
+
+# --- detection ---------------------------------------------------------------------------------------------
+PAREN = [_rec(i, ["f", "(", "x", ")", " and"], [0, 0, 0, 3.0, 0]) for i in range(1, 4)]
+QUIET = [_rec(i, [" the", " cat", " sat", ","], [0, -0.1, 0, 0], "random") for i in range(10, 13)]
+
+
+def _detect(backend, explanation, activating=PAREN, quiet=QUIET, **kw):
+    return asyncio.run(detection_columns(backend, explanation, activating, quiet, seed=7, **kw))
+
+
+def test_detection_with_a_true_explanation_separates_windows():
+    cols, usage = _detect(RuleStubBackend(), "closing parentheses")
+    assert cols["score"] == 1.0 and cols["null_reason"] is None
+    assert cols["auc"] == pytest.approx(1.0)
+    assert (cols["settings"]["n_positive"], cols["settings"]["n_negative"]) == (3, 3)
+    assert sorted(cols["seq_ids"]) == [1, 2, 3, 10, 11, 12] and cols["seq_ids"] != [1, 2, 3, 10, 11, 12]
+    assert usage.prompt_tokens > 0
+
+
+def test_detection_with_a_wrong_explanation_scores_chance():
+    cols, _ = _detect(RuleStubBackend(), "digits and numbers")  # says 0 everywhere
+    assert cols["score"] == 0.5 and cols["auc"] == 0.5
+
+
+def test_detection_without_logprobs_has_no_auc():
+    cols, _ = _detect(RuleStubBackend(CHAT), "closing parentheses")
+    assert cols["score"] == 1.0 and cols["auc"] is None
+
+
+def test_detection_hand_worked_answer():
+    backend = ScriptedBackend(["[1, 1, 1, 1, 1, 1]"])
+    cols, _ = _detect(backend, "anything")
+    assert cols["score"] == 0.5  # every window called active: TPR 1, TNR 0
+    snippets = [ln for ln in backend.requests[0]["messages"][-1]["content"].splitlines() if ln.startswith("Snippet")]
+    assert len(snippets) == 6 and snippets[0].startswith("Snippet 1: ")
+
+
+def test_detection_retries_a_malformed_list_and_counts_every_call():
+    spent = []
+    backend = ScriptedBackend(["[1, 0]", "I think [1, 0, 1, 0, 1, 0]"])
+    cols, usage = _detect(backend, "anything", spent=spent)
+    assert cols["score"] is not None and usage == Usage(20, 10) and len(spent) == 2
+
+
+def test_detection_without_quiet_windows_is_null_and_calls_nothing():
+    backend = ScriptedBackend([])
+    cols, usage = _detect(backend, "anything", quiet=[])
+    assert cols["score"] is None and cols["null_reason"] == NO_NEGATIVES and backend.requests == []
+
+
+# --- fuzzing -----------------------------------------------------------------------------------------------
+def test_active_positions_use_the_windows_own_scale():
+    assert active_positions(_rec(1, list("abcd"), [0.0, 5.0, 10.0, 3.9])) == {1, 2}
+    assert active_positions(_rec(1, list("ab"), [-1.0, 0.0])) == set()
+
+
+def test_fuzzing_true_highlights_versus_random_highlights():
+    decoys = [_rec(i, [" a", " b", " c", ")", " d", " e", " f", " g"], [0, 0, 0, 2.0, 0, 0, 0, 0])
+              for i in range(20, 23)]
+    cols, _ = asyncio.run(fuzzing_columns(RuleStubBackend(), "closing parentheses", PAREN, decoys, seed=3))
+    assert cols["score"] == 1.0 and cols["auc"] == pytest.approx(1.0)
+    assert (cols["settings"]["n_positive"], cols["settings"]["n_negative"]) == (3, 3)
+
+
+def test_fuzzing_prompt_highlights_the_active_token():
+    backend = ScriptedBackend(["[1, 0]"])
+    decoy = [_rec(9, ["p", "q", "r"], [5.0, 0, 0])]
+    asyncio.run(fuzzing_columns(backend, "x", PAREN[:1], decoy, seed=0))
+    text = backend.requests[0]["messages"][-1]["content"]
+    assert "f(x<<)>> and" in text  # the truly active token
+    assert "<<p>>" not in text and ("p<<q>>r" in text or "pq<<r>>" in text)  # a random non-active one
+
+
+# --- embedding ---------------------------------------------------------------------------------------------
+class KeywordEmbedder:
+    """Unit vectors: [1, 0] for texts with a ')' or naming parentheses, else [0, 1]."""
+    name = "keyword"
+
+    def embed(self, texts):
+        return np.array([[1.0, 0.0] if (")" in t or "parenthes" in t) else [0.0, 1.0] for t in texts])
+
+
+def test_embedding_auc_from_cosine_similarity():
+    cols = asyncio.run(embedding_columns(KeywordEmbedder(), "closing parentheses", PAREN, QUIET))
+    assert cols["score"] == 1.0 and cols["settings"]["embedder"] == "keyword"
+    assert asyncio.run(embedding_columns(KeywordEmbedder(), "closing parentheses", PAREN, []))["null_reason"] \
+        == NO_NEGATIVES
+
+
+def test_real_minilm_embedding_prefers_windows_that_match_the_explanation():
+    from workers.method.embedding import MiniLMEmbedder
+    years = [_rec(i, [t], [1.0]) for i, t in enumerate(
+        ["In 1998 the population was 1,204 and by 2003 it had reached 3,551.",
+         "Revenue grew 12% in 2019, 15% in 2020 and 31% in 2021.",
+         "The treaty was signed in 1648, ending a war that began in 1618."])]
+    quiet = [_rec(10 + i, [t], [0.0], "random") for i, t in enumerate(
+        ["The cat curled up on the warm windowsill and fell asleep.",
+         "She opened the door slowly and looked into the dark hallway.",
+         "Fresh bread smells wonderful when it comes out of the oven."])]
+    cols = asyncio.run(embedding_columns(MiniLMEmbedder(), "years and numbers written with digits", years, quiet))
+    assert cols["score"] == 1.0
+    json.dumps(cols["settings"])
