@@ -14,11 +14,14 @@ short runs overstate the cost.
 
     .venv/bin/python bench/extract.py [--windows 2000] [--batch 32] [--block 8] [--repeats 3] [--eager]
     .venv/bin/python bench/extract.py --shape gpt2-xl --batch 256 --repeats 2    # on a GPU
---eager: no torch.compile (the reductions run as separate eager ops). --shape gpt2-xl: a randomly
-initialised model of GPT-2 XL's shape (48 layers x 6,400 neurons, 1.5B parameters; bf16 on a GPU) instead of
-the default model, on the same windows (SmolLM2's token ids, all below GPT-2's vocabulary size); it also prints
-the fraction of the GPU's dense bf16 peak that the extraction reaches (--peak-tflops, or known from the GPU's
-name). --layers N keeps the first N layers of that shape (a smoke test on a CPU).
+--eager: no torch.compile (the reductions run as separate eager ops). --bottom-k: bottom records per neuron
+(default: the config's default for the model's family: 20 for a gated MLP like SmolLM2's, 0 for GPT-2's);
+--quantiles: also keep the quantile sketch (2 windows per bin), as `records.quantiles: true` does.
+--shape gpt2-xl: a randomly initialised model of GPT-2 XL's shape (48 layers x 6,400 neurons, 1.5B
+parameters; bf16 on a GPU) instead of the default model, on the same windows (SmolLM2's token ids, all below
+GPT-2's vocabulary size); it also prints the fraction of the GPU's dense bf16 peak that the extraction reaches
+(--peak-tflops, or known from the GPU's name). --layers N keeps the first N layers of that shape (a smoke test
+on a CPU).
 Last line: extract_overhead_ratio=<extract tokens/s / plain tokens/s>.
 """
 from __future__ import annotations
@@ -34,10 +37,12 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from schemas.config import Corpus  # noqa: E402
+from orchestrator.extraction.plan import bottom_k_for  # noqa: E402
+from schemas.config import Corpus, SweepConfig  # noqa: E402
+from workers.extract.capture import compiled_summaries, window_summaries  # noqa: E402
+from workers.extract.collectors import ActivationCollector, CollectorSpec  # noqa: E402
 from workers.extract.corpus import iter_windows  # noqa: E402
-from workers.extract.worker import (ActivationCollector, ActivationExtractor, CollectorSpec,  # noqa: E402
-                             compiled_summaries, window_summaries)
+from workers.extract.forward import ActivationExtractor  # noqa: E402
 from workers.models.loading import load_subject  # noqa: E402
 
 
@@ -84,6 +89,8 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--eager", action="store_true", help="do not fuse the per-window reductions (torch.compile)")
+    ap.add_argument("--bottom-k", type=int, help="bottom records per neuron (default: by the model's family)")
+    ap.add_argument("--quantiles", action="store_true", help="also keep the quantile sketch")
     ap.add_argument("--block", type=int, default=8, help="batches per timed block")
     ap.add_argument("--dtype", default="auto")
     ap.add_argument("--shape", choices=["gpt2-xl"], help="a random model of this shape instead of --model")
@@ -99,14 +106,16 @@ def main() -> None:
     ids = torch.tensor([w.token_ids for w in ws])
     seq_ids = torch.tensor([w.seq_id for w in ws])
     n_tokens = ids.numel()
+    bottom_k = args.bottom_k if args.bottom_k is not None else bottom_k_for(SweepConfig(), m.info.architecture)
     spec = CollectorSpec(list(range(m.info.n_layers)), m.info.n_neurons, args.seq_len, top_k=20, n_random=15, seed=0,
-                         corpus=seq_ids.tolist())
+                         corpus=seq_ids.tolist(), bottom_k=bottom_k, n_per_quantile=2 if args.quantiles else 0)
     compile = not args.eager
     summarize = compiled_summaries() if compile else window_summaries
     captures = {}  # the compiled functions, shared by every repeat's extractor
     print(f"model {m.info.name}: {m.info.n_layers} layers x {m.info.n_neurons} neurons, {m.info.dtype} on {device}; "
           f"{len(ws)} windows x {args.seq_len} tokens, batch {args.batch}, torch threads {torch.get_num_threads()}, "
-          f"{'eager' if args.eager else 'compiled'}, "
+          f"{'eager' if args.eager else 'compiled'}, bottom_k {bottom_k}"
+          f"{', quantile sketch' if args.quantiles else ''}, "
           f"blocks of {args.block} batches")
     starts = list(range(0, len(ws), args.batch))
     blocks = [starts[i:i + args.block] for i in range(0, len(starts), args.block)]

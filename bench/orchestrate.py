@@ -18,7 +18,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-TOKENS_PER_NEURON = 15_000  # DESIGN.md "Scale on paper": one explanation + ten simulations, reference method
+TOKENS_PER_NEURON = 15_000  # docs/design.md "Scale on paper": one explanation + ten simulations, reference method
 
 
 def rss_mb() -> float:
@@ -44,10 +44,12 @@ def main() -> None:
 
     from orchestrator.pipeline import run_sweep
     from schemas.config import SweepConfig
+    from testing.instant import InstantRunnerFactory, StubMethodRunnerFactory, prepare_synthetic_run
 
     out = Path(tempfile.mkdtemp(prefix="ns-orchestrate-"))
-    cfg = SweepConfig.from_dict({"model": {"name": f"synthetic:{args.layers}x{args.neurons}"}, "output": str(out),
-                                 "shard_size": args.shard_size, "metrics_port": 0, "max_inflight_shards": 4})
+    cfg = SweepConfig.from_dict({"output": str(out), "shard_size": args.shard_size, "metrics_port": 0,
+                                 "max_inflight_shards": 4})
+    prepare_synthetic_run(cfg, args.layers, args.neurons)
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     peak = {"rss": rss_mb(), "stop": False}
     samples = []
@@ -61,7 +63,7 @@ def main() -> None:
 
     threading.Thread(target=sample, daemon=True).start()
     t0 = time.monotonic()
-    outcome = run_sweep(cfg, {}, mode="instant", n_actors=args.actors)
+    outcome = run_sweep(cfg, {}, runner_factory=InstantRunnerFactory(), n_actors=args.actors)
     wall = time.monotonic() - t0
     peak["stop"] = True
 
@@ -69,8 +71,9 @@ def main() -> None:
     out2 = Path(tempfile.mkdtemp(prefix="ns-orchestrate-method-"))
     cfg2 = cfg.model_copy(update={"output": str(out2), "neurons": f"0-{args.method_neurons - 1}",
                                   "shard_size": min(args.shard_size, args.method_neurons)})
+    prepare_synthetic_run(cfg2, args.layers, args.neurons)
     t1 = time.monotonic()
-    method = run_sweep(cfg2, {}, mode="stub", n_actors=args.actors)
+    method = run_sweep(cfg2, {}, runner_factory=StubMethodRunnerFactory(), n_actors=args.actors)
     method_wall = time.monotonic() - t1
     shutil.rmtree(out2, ignore_errors=True)
     ray.shutdown()

@@ -6,14 +6,12 @@ covers the actors' processes). No label ever holds a neuron or shard id.
 """
 from __future__ import annotations
 
-import re
-
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+
+from schemas.failures import FAILURE_REASONS
 
 LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 20, 30, 60, 120)
 WAIT_BUCKETS = (0.001, 0.01, 0.05, 0.1, 0.5, 1, 2, 5, 10, 30, 60)
-FAILURE_REASONS = ("rate_limited", "timeout", "server_error", "connection", "malformed", "permanent", "deadline",
-                   "records", "error")
 
 
 class SweepMetrics:
@@ -49,8 +47,8 @@ class SweepMetrics:
         for status in ("done", "failed", "skipped"):
             self.neurons.labels(status)
 
-    def serve(self, port: int, addr: str = "0.0.0.0"):
-        """Start the HTTP endpoint; returns (server, thread)."""
+    def serve(self, port: int, addr: str = "127.0.0.1"):
+        """Start the HTTP endpoint on `addr` (config `metrics_host`); returns (server, thread)."""
         return start_http_server(port, addr=addr, registry=self.registry)
 
 
@@ -59,24 +57,3 @@ def metric_catalogue() -> dict[str, str]:
     definitions above, so the dashboard checks never drift from what the driver exports."""
     return {f.name + ("_total" if f.type == "counter" else ""): f.type for f in SweepMetrics().registry.collect()}
 
-
-def failure_reason(error: str | None) -> str:
-    """A bounded label for a failure message (the message itself goes to the ledger, never to a label)."""
-    e = (error or "").lower()
-    if "deadline" in e:
-        return "deadline"
-    if "ratelimit" in e or "429" in e:
-        return "rate_limited"
-    if "timeout" in e or "timed out" in e:
-        return "timeout"
-    if re.search(r"http 5\d\d", e):
-        return "server_error"
-    if "connection" in e:
-        return "connection"
-    if "malformed" in e or "misalign" in e or "unparseable" in e or "explanationfailed" in e:
-        return "malformed"
-    if "permanent" in e or "unsupported" in e:
-        return "permanent"
-    if "records" in e or "too few" in e:
-        return "records"
-    return "error"

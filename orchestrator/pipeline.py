@@ -1,34 +1,47 @@
 """The sweep on Ray Core: extraction, then explain -> simulate -> score per shard on async actors.
 
 The driver keeps at most `max_inflight_shards` shards per actor in flight (`ray.wait`), so its memory stays
-flat whatever the number of neurons; it only ever holds shard summaries. Actors restart on failure and their
-calls are retried (`max_restarts=-1`, `max_task_retries=-1`): a shard is idempotent (deterministic file
-names, marker last, calls answered from the journal), so a retried shard neither duplicates rows nor pays
-twice. The run directory, not Ray, is the source of truth: a new driver lists the markers and schedules only
-what is missing.
+flat whatever the number of neurons; it only ever holds shard summaries. Actors restart on failure
+(`max_restarts=-1`) and the driver resubmits the shards they were running (`max_task_retries=0`: it counts the
+deaths itself): a shard is idempotent (deterministic file names, marker last, calls answered from the
+journal), so a retried shard neither duplicates rows nor pays twice. A shard whose actor died while running
+it runs alone afterwards (placement.py); after `max_shard_crashes` deaths its neurons are recorded as failed
+(`worker_crash`) and the sweep goes on. The run directory, not Ray, is the source of truth: a new driver lists
+the markers and schedules only what is missing.
+
+What an actor runs comes from a runner factory (`RunnerFactory`): the real method (`MethodRunnerFactory`, the
+default) or a test double from `testing/` (an instant method, the method against a stub backend); the driver
+asks the factory whether it calls the configured LLM backends (API keys, shared rate limiters) and whether it
+holds a local LLM (a whole CPU per actor).
 """
 from __future__ import annotations
 
 import asyncio
 import hashlib
+import os
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Mapping
 
+from orchestrator.lease import DEFAULT_STALE_AFTER_S, RunLease, lease_token
 from orchestrator.metrics import SweepMetrics
-from orchestrator.plan import EXTRACT_MARKER, IMPORTED, Plan, Shard, prepare_run
-from orchestrator.shards import MARKERS, ShardRunner, StoreRecordSource, record_call
-from orchestrator.store import RunStore
+from orchestrator.placement import ActorSlots
+from orchestrator.plan import Plan, Shard, prepare_run
+from orchestrator.shards import ShardRunner, ShardSummary, StoreRecordSource, added_by, record_call
+from orchestrator.store import RunStore, with_env_credentials, without_secrets
 from schemas.config import ConfigError, SweepConfig
+from schemas.failures import FailureReason
+from schemas.layout import EXTRACT_MARKER, JOURNAL_FILE, MARKERS_DIR, marker_shard_id, shard_marker
 
 
-# --- what a ShardActor runs: the real method, or an instant stand-in for benchmarks ---------------------------------
+# --- what a ShardActor runs --------------------------------------------------------------------------------------
 def journal_path(cfg: SweepConfig, store: RunStore, cache_dir: Path | None = None) -> Path:
     """The call journal is a local SQLite file: inside a local run directory, else in a local cache keyed by
     the run URI (an object store cannot host SQLite; committed shards also carry their calls in `calls/`)."""
     if store.is_local:
-        return Path(store.root) / "_journal" / "calls.sqlite"
+        return Path(store.root) / JOURNAL_FILE
     digest = hashlib.sha256(cfg.output.encode()).hexdigest()[:16]
     return (cache_dir or Path.home() / ".cache" / "neuronsweep" / "journal") / f"{digest}.sqlite"
 
@@ -42,7 +55,7 @@ def method_processor(cfg: SweepConfig, env: Mapping[str, str], journal):
     backends = {}
     for role in ("explainer", "simulator"):
         b = getattr(cfg, role)
-        key = (b.kind, b.model) if b.kind == "local" else (role,)
+        key = (b.kind, b.model, b.dtype, b.max_batch) if b.kind == "local" else (role,)
         if key not in backends:  # explainer and simulator share one local model in memory
             backends[key] = make_backend(b, env=env)
         backends[role] = backends[key]
@@ -61,76 +74,116 @@ def method_processor(cfg: SweepConfig, env: Mapping[str, str], journal):
             probed.append(await asyncio.gather(explainer.probe_capabilities(), simulator.probe_capabilities()))
         return await explain_and_score(records, explainer, simulator, cfg, embedder=embedder)
 
+    # their measured service, for the driver's estimate of the sweep's time (ShardActor.live)
+    process.local_backends = list({id(b): b for b in backends.values() if b.provider == "local"}.values())
     return process
 
 
-def build_runner(cfg: SweepConfig, env: Mapping[str, str], *, mode: str = "method",
+class RunnerFactory:
+    """Builds the `ShardRunner` each ShardActor runs. Ray pickles the factory to every actor, whose constructor
+    calls it, so a factory is a small plain object; the driver reads the two facts below before any actor starts."""
+
+    calls_configured_backends: bool = True  # the cfg's explainer/simulator: keys checked, rate limiters shared
+
+    def holds_local_llm(self, cfg: SweepConfig) -> bool:
+        """Whether each runner keeps an LLM in its own process (CPU/GPU-bound: a whole CPU per actor)."""
+        return "local" in (cfg.explainer.kind, cfg.simulator.kind)
+
+    def __call__(self, cfg: SweepConfig, env: Mapping[str, str], store: RunStore) -> ShardRunner:
+        raise NotImplementedError
+
+
+class MethodRunnerFactory(RunnerFactory):
+    """The published method through our LLM clients, on the records in the run directory."""
+
+    def __call__(self, cfg: SweepConfig, env: Mapping[str, str], store: RunStore) -> ShardRunner:
+        from workers.llm.journal import CallJournal
+
+        journal = CallJournal(journal_path(cfg, store))
+        if not store.is_local:  # a fresh node: learn the calls that shards already paid for (committed or not)
+            calls = store.read_table("calls", include_uncommitted=True)
+            if calls.num_rows:
+                journal.import_rows(calls.to_pylist())
+        return ShardRunner(cfg, store, method_processor(cfg, env, journal), StoreRecordSource(store),
+                           journal=journal)
+
+
+def build_runner(cfg: SweepConfig, env: Mapping[str, str], *, runner_factory: RunnerFactory | None = None,
                  s3_options: dict | None = None) -> ShardRunner:
     store = RunStore.open(cfg.output, s3_options=s3_options)
-    if mode.startswith("instant"):
-        from testing.instant import InstantProcessor, SyntheticRecordSource
-        delay = float(mode.partition(":")[2] or 0)
-        return ShardRunner(cfg, store, InstantProcessor(cfg, delay), SyntheticRecordSource(cfg))
-    if mode == "stub":  # the real method against an instant rule-following backend, on synthetic records
-        from testing.instant import SyntheticRecordSource
-        from workers.llm.client import LLMClient
-        from workers.method.neuron import explain_and_score
-        from testing.stubs import RuleStubBackend
-
-        explainer, simulator = (LLMClient(RuleStubBackend(), role=role, on_call=record_call)
-                                for role in ("explainer", "simulator"))
-
-        async def process(records):
-            return await explain_and_score(records, explainer, simulator, cfg)
-        return ShardRunner(cfg, store, process, SyntheticRecordSource(cfg, full=True))
-    from workers.llm.journal import CallJournal
-
-    journal = CallJournal(journal_path(cfg, store))
-    if not store.is_local:  # a fresh node: learn the calls that committed shards already paid for
-        calls = store.read_table("calls")
-        if calls.num_rows:
-            journal.import_rows(calls.to_pylist())
-    return ShardRunner(cfg, store, method_processor(cfg, env, journal), StoreRecordSource(store), journal=journal)
+    return (runner_factory or MethodRunnerFactory())(cfg, env, store)
 
 
 class ActorMetrics:
     """What each ShardActor reports through Ray's own metrics agent (`ray_neuronsweep_actor_*` on every node's
-    metrics port), so per-node throughput is visible even before the driver counts a shard's summary."""
+    metrics port), so per-node throughput is visible even before the driver counts a shard's summary. Every
+    series carries the run (its output URI, as the driver's build_info does): sweeps that share a cluster, one
+    after another or at once, stay apart."""
 
-    def __init__(self):
+    def __init__(self, run: str):
         from ray.util.metrics import Counter, Histogram
 
-        self.neurons = Counter("neuronsweep_actor_neurons", "Neurons finished by this actor", tag_keys=("status",))
+        self.neurons = Counter("neuronsweep_actor_neurons", "Neurons finished by this actor",
+                               tag_keys=("status", "run"))
         self.requests = Counter("neuronsweep_actor_api_requests", "LLM requests made by this actor",
-                                tag_keys=("role", "status"))
+                                tag_keys=("role", "status", "run"))
         self.shard_seconds = Histogram("neuronsweep_actor_shard_duration_seconds", "Wall time of one shard",
-                                       boundaries=[0.1, 0.5, 1, 5, 10, 30, 60, 300, 900])
+                                       boundaries=[0.1, 0.5, 1, 5, 10, 30, 60, 300, 900], tag_keys=("run",))
+        for metric in (self.neurons, self.requests, self.shard_seconds):
+            metric.set_default_tags({"run": run})
 
-    def record(self, summary: dict) -> None:
-        if summary.get("already_committed"):
+    def record(self, summary: ShardSummary) -> None:
+        if summary.already_committed:
             return
+        summary = added_by(summary, summary.previous)
         for status in ("done", "failed", "skipped"):
-            if summary[status]:
-                self.neurons.inc(summary[status], tags={"status": status})
-        for role, _provider, _model, status, n in summary.get("requests", []):
+            if getattr(summary, status):
+                self.neurons.inc(getattr(summary, status), tags={"status": status})
+        for role, _provider, _model, status, n in summary.requests:
             self.requests.inc(n, tags={"role": role, "status": status})
-        self.shard_seconds.observe(summary["elapsed_s"])
+        self.shard_seconds.observe(summary.elapsed_s)
 
 
 class ShardActor:
-    """Thin Ray wrapper around ShardRunner (async: many shards and calls in flight per actor)."""
+    """Thin Ray wrapper around ShardRunner (async: many shards and calls in flight per actor).
 
-    def __init__(self, cfg_dict: dict, env: dict, mode: str, s3_options: dict | None):
-        self.runner = build_runner(SweepConfig.from_dict(cfg_dict), env, mode=mode, s3_options=s3_options)
-        self.metrics = ActorMetrics()
+    It is given no secret (Ray keeps an actor's arguments): API keys, S3 keys and the credentials of an endpoint
+    URL come from its own process environment (`actor_config`, `config_in_actor`). A missing one is reported by
+    `ready` as one line, not as a dead actor."""
 
-    async def run(self, layer: int, neurons: tuple, retry_failed: bool) -> dict:
-        summary = await self.runner.run(Shard(layer, tuple(neurons)), retry_failed=retry_failed)
+    def __init__(self, cfg_dict: dict, runner_factory: RunnerFactory, s3_options: dict | None,
+                 lease_token: str | None = None):
+        env = dict(os.environ)
+        self.error: str | None = None
+        try:
+            cfg = config_in_actor(cfg_dict, env)
+            self.runner = build_runner(cfg, env, runner_factory=runner_factory,
+                                       s3_options=with_env_credentials(s3_options, env))
+        except ConfigError as e:
+            self.error = str(e)
+            return
+        self.runner.lease_token = lease_token
+        self.metrics = ActorMetrics(cfg.output)
+
+    async def run(self, layer: int, neurons: tuple, retry_failed: bool, retry_of: int | None = None) -> ShardSummary:
+        if self.error:
+            raise ConfigError(self.error)
+        summary = await self.runner.run(Shard(layer, tuple(neurons)), retry_failed=retry_failed, retry_of=retry_of)
         self.metrics.record(summary)
         return summary
 
-    async def ready(self) -> bool:
-        return True
+    async def ready(self) -> str | None:
+        """None, or why this actor cannot run shards (a secret missing from its environment)."""
+        return self.error
+
+    async def live(self) -> dict:
+        """Between commits, for the driver's progress: neurons finished in shards not committed yet, and the
+        measurements of the local models this actor holds (orchestrator/progress.py)."""
+        runner = getattr(self, "runner", None)
+        if runner is None:
+            return {}
+        backends = getattr(runner.processor, "local_backends", [])
+        return {"finished": dict(runner.finished), "model": [b.stats.snapshot() for b in backends]}
 
 
 # --- the driver ----------------------------------------------------------------------------------------------------
@@ -149,6 +202,7 @@ class SweepOutcome:
     cost_usd: float = 0.0
     elapsed_s: float = 0.0
     failures: dict = field(default_factory=dict)
+    live: object = None  # orchestrator.progress.Live: the actors' state between commits, while the sweep runs
 
     @property
     def complete(self) -> bool:
@@ -156,7 +210,8 @@ class SweepOutcome:
 
 
 def required_secrets(cfg: SweepConfig, env: Mapping[str, str]) -> dict[str, str]:
-    """The API keys the configured backends need, checked before any work; only these reach the actors."""
+    """The API keys the configured backends need, checked before any work (the actors read them from their own
+    environment)."""
     out = {}
     for role in ("explainer", "simulator"):
         b = getattr(cfg, role)
@@ -168,20 +223,65 @@ def required_secrets(cfg: SweepConfig, env: Mapping[str, str]) -> dict[str, str]
     return out
 
 
-def committed_summaries(store: RunStore) -> dict[str, dict]:
+URL_ENV = "NEURONSWEEP_{role}_BASE_URL"  # the full URL of an endpoint whose base_url carries credentials
+
+
+def _url_env(role: str) -> str:
+    return URL_ENV.format(role=role.upper())
+
+
+def actor_config(cfg: SweepConfig) -> dict:
+    """The config as the actors get it: endpoint URLs without their credentials (the actors take the full URL from
+    `NEURONSWEEP_<ROLE>_BASE_URL` in their environment, see `config_in_actor`)."""
+    from orchestrator.plan import stored_config
+
+    return stored_config(cfg)
+
+
+def url_secrets_env(cfg: SweepConfig) -> dict[str, str]:
+    """`NEURONSWEEP_<ROLE>_BASE_URL` -> full URL, for each endpoint whose base_url carries credentials."""
+    from workers.llm.redact import url_secrets
+
+    return {_url_env(role): getattr(cfg, role).base_url for role in ("explainer", "simulator")
+            if getattr(cfg, role).base_url and url_secrets(getattr(cfg, role).base_url)}
+
+
+def config_in_actor(cfg_dict: dict, env: Mapping[str, str]) -> SweepConfig:
+    """`actor_config`'s output with each endpoint's credentials back, from the environment; the URL there must be
+    the configured endpoint (only its credentials may differ), so no environment can redirect a key."""
+    from workers.llm.redact import HIDDEN, redact_url
+
+    data = {**cfg_dict}
+    for role in ("explainer", "simulator"):
+        url = (data.get(role) or {}).get("base_url")
+        if not url or HIDDEN not in url:
+            continue
+        var = _url_env(role)
+        full = env.get(var)
+        if not full:
+            raise ConfigError(f"{role}.base_url carries credentials, which are never passed to Ray actors: set "
+                              f"{var} to the full URL in the environment of the cluster's workers")
+        if redact_url(full) != url:
+            raise ConfigError(f"{var} names {redact_url(full)}, not the configured {role}.base_url {url}")
+        data[role] = {**data[role], "base_url": full}
+    return SweepConfig.from_dict(data)
+
+
+def committed_summaries(store: RunStore) -> dict[str, ShardSummary]:
+    """shard id -> summary, for every committed shard of the run."""
     out = {}
-    for path in store.list_files(MARKERS):
-        name = path.rsplit("/", 1)[-1]
-        if name.endswith(".json") and not name.startswith("_"):
-            out[name[:-5]] = store.read_json(f"{MARKERS}/{name}")
+    for path in store.list_files(MARKERS_DIR):
+        shard_id = marker_shard_id(path)
+        if shard_id is not None:
+            out[shard_id] = ShardSummary.from_json(store.read_json(shard_marker(shard_id)))
     return out
 
 
-def default_actor_count(cfg: SweepConfig, mode: str) -> int:
+def default_actor_count(cfg: SweepConfig, runner_factory: RunnerFactory) -> int:
     import ray
 
     cpus = int(ray.cluster_resources().get("CPU", 1))
-    if mode == "method" and "local" in (cfg.explainer.kind, cfg.simulator.kind):
+    if runner_factory.holds_local_llm(cfg):
         return 1  # a local LLM is CPU/GPU-bound; one copy per sweep on a laptop
     return max(1, min(cpus, 8))
 
@@ -190,51 +290,111 @@ def init_ray(cfg: SweepConfig) -> bool:
     """Join `cfg.ray_address` or start Ray in-process; returns whether we started it."""
     import ray
 
+    from workers.models import MODEL_SOURCES_ENV
+
     if ray.is_initialized():
         return False
     kw = dict(address=cfg.ray_address, log_to_driver=False) if cfg.ray_address else dict(
         include_dashboard=False, log_to_driver=False)
+    if cfg.ray_address and os.environ.get(MODEL_SOURCES_ENV):
+        # a cluster's workers do not inherit this process's environment (a local one's do): hand them the
+        # model source modules so they load the same subject model as the driver planned with
+        kw["runtime_env"] = {"env_vars": {MODEL_SOURCES_ENV: os.environ[MODEL_SOURCES_ENV]}}
     ray.init(**kw)
     return True
 
 
-def run_sweep(cfg: SweepConfig, env: Mapping[str, str], *, retry_failed: bool = False, mode: str = "method",
-              s3_options: dict | None = None, n_actors: int | None = None, metrics: SweepMetrics | None = None,
-              on_progress: Callable[[SweepOutcome], None] | None = None,
-              extract_progress=None) -> SweepOutcome:
+def run_sweep(cfg: SweepConfig, env: Mapping[str, str], *, runner_factory: RunnerFactory | None = None,
+              retry_failed: bool = False, s3_options: dict | None = None, n_actors: int | None = None,
+              metrics: SweepMetrics | None = None, on_progress: Callable[[SweepOutcome], None] | None = None,
+              extract_progress=None, force_unlock: bool = False, lease_timeout_s: float = DEFAULT_STALE_AFTER_S,
+              command: str = "run_sweep") -> SweepOutcome:
+    """Extract (unless the run directory holds a finished extraction), then explain and score every planned
+    shard not yet committed, with what `runner_factory` builds (default: the real method). The whole sweep holds
+    the run's lease (lease.py): a second driver on the same run is refused; `force_unlock` removes another's."""
+    runner_factory = runner_factory or MethodRunnerFactory()
+    secrets = required_secrets(cfg, env) if runner_factory.calls_configured_backends else {}
+    store = RunStore.open(cfg.output, s3_options=s3_options, create=True)
+    with RunLease(store, command=command, s3_options=s3_options, stale_after_s=lease_timeout_s).acquire(
+            force=force_unlock) as lease:
+        store.remove_temporary_files()  # a crashed writer's; no one else writes while we hold the lease
+        return _leased_sweep(cfg, store, lease, {**secrets, **url_secrets_env(cfg)}, runner_factory=runner_factory,
+                             retry_failed=retry_failed, s3_options=s3_options, n_actors=n_actors, metrics=metrics,
+                             on_progress=on_progress, extract_progress=extract_progress)
+
+
+def _leased_sweep(cfg, store, lease: RunLease, secrets, *, runner_factory, retry_failed, s3_options, n_actors,
+                  metrics, on_progress, extract_progress) -> SweepOutcome:
     import ray
 
-    instant = mode.startswith("instant") or mode == "stub"
-    secrets = {} if instant else required_secrets(cfg, env)
-    store = RunStore.open(cfg.output, s3_options=s3_options, create=True)
-    if instant and not store.exists(EXTRACT_MARKER):  # synthetic records: the planner takes the shape from here
-        from testing.instant import synthetic_shape
-
-        n_layers, n_neurons = synthetic_shape(cfg)
-        store.write_json(EXTRACT_MARKER, {"model": {"name": IMPORTED, "n_layers": n_layers,
-                                                    "n_neurons": n_neurons}, "synthetic": True})
     plan = prepare_run(cfg, store)
     metrics = metrics or SweepMetrics()
     _set_limits(metrics, cfg)
     metrics.neurons_planned.set(plan.n_neurons)
     metrics.shards_planned.set(len(plan.shards))
 
-    started_ray = init_ray(cfg)
+    started_ray = _init_ray_with(cfg, secrets)
     try:
+        check_output_shared(cfg, store, lease.token)
         if not store.exists(EXTRACT_MARKER):
             from orchestrator.extraction import run_extraction
             metrics.queue_depth.labels("extract").set(1)
             run_extraction(cfg, store, progress=extract_progress, metrics=metrics)
             metrics.queue_depth.labels("extract").set(0)
-        return _explain_stage(cfg, store, plan, secrets, retry_failed=retry_failed, mode=mode,
+        return _explain_stage(cfg, store, plan, lease, retry_failed=retry_failed, runner_factory=runner_factory,
                               s3_options=s3_options, n_actors=n_actors, metrics=metrics, on_progress=on_progress)
     finally:
         if started_ray:
             ray.shutdown()
 
 
-def _explain_stage(cfg, store, plan: Plan, secrets, *, retry_failed, mode, s3_options, n_actors, metrics,
-                   on_progress) -> SweepOutcome:
+def _init_ray_with(cfg: SweepConfig, secrets: Mapping[str, str]) -> bool:
+    """`init_ray`; a local cluster started here inherits `secrets` in its processes' environment (where its actors
+    read them), while this process's own environment is left as it was."""
+    import ray
+
+    if ray.is_initialized() or cfg.ray_address or not secrets:
+        return init_ray(cfg)
+    saved = {k: os.environ.get(k) for k in secrets}
+    os.environ.update(secrets)
+    try:
+        return init_ray(cfg)
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def check_output_shared(cfg: SweepConfig, store: RunStore, token: str) -> None:
+    """A run directory on a local path must be the same folder on every node of the cluster (a shared mount):
+    each node looks for this driver's lease there. A node that does not see it would write to its own disk."""
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    nodes = [n for n in ray.nodes() if n.get("Alive")]
+    if not store.is_local or (not cfg.ray_address and len(nodes) <= 1):
+        return
+    probe = ray.remote(num_cpus=0, max_retries=0)(_lease_token_at)
+    refs = {f"{n['NodeManagerAddress']} ({n['NodeID'][:8]})": probe.options(
+        scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False)).remote(cfg.output)
+        for n in nodes}
+    seen = {node: ray.get(ref, timeout=300) for node, ref in refs.items()}
+    blind = sorted(node for node, t in seen.items() if t != token)
+    if blind:
+        raise ConfigError(
+            f"output: {cfg.output} is a local path, and node {blind[0]} of the Ray cluster ({len(blind)} of "
+            f"{len(seen)} nodes) does not see this run directory there: each node would write to its own disk. "
+            f"Use an s3:// or gs:// output, or an absolute path on a file system every node mounts")
+
+
+def _lease_token_at(output: str) -> str | None:
+    return lease_token(RunStore.open(output))
+
+
+def _explain_stage(cfg, store, plan: Plan, lease: RunLease, *, retry_failed, runner_factory: RunnerFactory, s3_options,
+                   n_actors, metrics, on_progress) -> SweepOutcome:
     import ray
 
     t0 = time.monotonic()
@@ -243,15 +403,7 @@ def _explain_stage(cfg, store, plan: Plan, secrets, *, retry_failed, mode, s3_op
     for s in committed.values():
         _count(out, s, metrics, fresh=False)
     todo = [sh for sh in plan.shards if sh.shard_id not in committed
-            or (retry_failed and committed[sh.shard_id].get("failed"))]
-    if retry_failed:
-        for sh in todo:
-            prev = committed.get(sh.shard_id)
-            if prev:  # its failed neurons are about to be redone: take them out of the tally
-                out.failed -= prev["failed"]
-                out.done -= prev["done"]
-                out.skipped -= prev["skipped"]
-                out.shards_committed -= 1
+            or (retry_failed and committed[sh.shard_id].failed)]
     budget_reason = _over_budget(cfg, out)
     if budget_reason:
         todo = []
@@ -260,57 +412,125 @@ def _explain_stage(cfg, store, plan: Plan, secrets, *, retry_failed, mode, s3_op
         out.elapsed_s = time.monotonic() - t0
         return out
 
-    n = n_actors or default_actor_count(cfg, mode)
-    limiters = _shared_limiters(cfg) if mode == "method" else []  # owned by the driver
-    local_llm = mode == "method" and "local" in (cfg.explainer.kind, cfg.simulator.kind)
+    n = n_actors or default_actor_count(cfg, runner_factory)
+    limiters = _shared_limiters(cfg) if runner_factory.calls_configured_backends else []  # owned by the driver
     actor_cls = ray.remote(ShardActor).options(
-        num_cpus=1 if local_llm else 0.25, max_restarts=-1, max_task_retries=-1,
+        num_cpus=1 if runner_factory.holds_local_llm(cfg) else 0.25, max_restarts=-1, max_task_retries=0,
         max_concurrency=max(64, cfg.max_inflight_shards * 4))
-    cfg_dict = cfg.model_dump(mode="json")
-    actors = [actor_cls.remote(cfg_dict, dict(secrets), mode, s3_options) for _ in range(n)]
-    per_actor = cfg.max_inflight_shards
-    pending: dict = {}
+    cfg_dict = actor_config(cfg)
+    actors = [actor_cls.remote(cfg_dict, runner_factory, without_secrets(s3_options), lease.token) for _ in range(n)]
+    _check_actors_ready(actors)
+    from orchestrator.progress import LivePoller
+    poller = LivePoller(actors)
+    slots = ActorSlots(n, cfg.max_inflight_shards)
+    pending: dict = {}  # ref -> (shard, actor index)
     queue = list(todo)
-    next_actor = 0
+    suspects: list[Shard] = []  # shards whose actor died while running them: resubmitted alone (placement.py)
+    deaths: Counter = Counter()  # shard id -> deaths of its actor while it ran
+    probes: dict = {}  # ref -> actor index: a `ready` call to a restarting actor, which takes shards once answered
+    reprobe: dict[int, float] = {}  # actor index -> when to ask again (it was still restarting)
     done_this_run = 0
     try:
-        while queue or pending:
-            while queue and len(pending) < per_actor * n and not out.stopped_by_budget:
-                sh = queue.pop(0)
-                ref = actors[next_actor % n].run.remote(sh.layer, sh.neurons, retry_failed)
-                next_actor += 1
-                pending[ref] = sh
+        while queue or suspects or pending:
+            lease.check()  # another driver took the run over: stop here
+            for restarting, at in list(reprobe.items()):
+                if at <= time.monotonic():
+                    del reprobe[restarting]
+                    probes[actors[restarting].ready.remote()] = restarting
+            while not out.stopped_by_budget:
+                target = slots.place(alone=True) if suspects else None
+                if target is not None:
+                    sh = suspects.pop(0)
+                else:
+                    target = slots.place() if queue else None
+                    if target is None:
+                        break
+                    sh = queue.pop(0)
+                prev = committed.get(sh.shard_id) if retry_failed else None
+                ref = actors[target].run.remote(sh.layer, sh.neurons, retry_failed, prev.commit if prev else None)
+                pending[ref] = (sh, target)
             if out.stopped_by_budget:
                 queue.clear()
-            metrics.queue_depth.labels("explain").set(len(queue) + len(pending))
-            if not pending:
+                suspects.clear()
+            metrics.queue_depth.labels("explain").set(len(queue) + len(suspects) + len(pending))
+            if not pending and not probes and not reprobe:
+                for sh in queue + suspects:  # every actor failed to start: nothing can run them
+                    out.shard_errors.append((sh.shard_id, "no shard actor could be started"))
                 break
-            ready, _ = ray.wait(list(pending), num_returns=1, timeout=1.0)
+            ready, _ = ray.wait([*pending, *probes], num_returns=1, timeout=0.2 if reprobe else 1.0)
             for ref in ready:
-                sh = pending.pop(ref)
+                if ref in probes:
+                    k = probes.pop(ref)
+                    try:
+                        ray.get(ref)
+                        slots.mark_up(k)
+                    except ray.exceptions.RayActorError as e:
+                        if not e.actor_init_failed:  # still restarting; one that cannot start stays down
+                            reprobe[k] = time.monotonic() + 0.2
+                    continue
+                sh, k = pending.pop(ref)
+                slots.release(k)
+                poller.forget(k)  # its live answers so far may count this shard's neurons, which it now reports
+                prev = committed.get(sh.shard_id) if retry_failed else None
                 try:
                     summary = ray.get(ref)
+                except ray.exceptions.RayActorError as e:
+                    # the actor died (Ray restarts it): the driver, not Ray, retries the shard, so that a shard
+                    # that kills its actor every time ends failed instead of looping forever
+                    if k not in slots.down:
+                        slots.mark_down(k)
+                        probes[actors[k].ready.remote()] = k
+                    if e.actor_init_failed:  # a factory that cannot build a runner: no retry can help
+                        out.shard_errors.append((sh.shard_id, _one_line(e)))
+                        continue
+                    if _refused_while_restarting(e):  # sent after the death, never ran: not this shard's doing
+                        (suspects if deaths[sh.shard_id] else queue).insert(0, sh)
+                        continue
+                    deaths[sh.shard_id] += 1
+                    if deaths[sh.shard_id] < cfg.max_shard_crashes:
+                        suspects.append(sh)
+                        continue
+                    summary = ShardRunner.committer(cfg, store).give_up(
+                        sh, FailureReason.WORKER_CRASH, f"worker_crash: its actor died {deaths[sh.shard_id]} times "
+                        f"while running this shard (last: {_one_line(e)})", attempts=deaths[sh.shard_id],
+                        retry_of=prev.commit if prev else None)
                 except Exception as e:  # noqa: BLE001 - a shard that could not commit; the rest go on
-                    out.shard_errors.append((sh.shard_id, f"{type(e).__name__}: {str(e).splitlines()[0][:300]}"))
+                    out.shard_errors.append((sh.shard_id, _one_line(e)))
                     continue
-                _count(out, summary, metrics, fresh=not summary.get("already_committed"))
-                done_this_run += summary["n"]
+                _count(out, summary, metrics, fresh=not summary.already_committed, previous=prev)
+                added = added_by(summary, prev)
+                done_this_run += added.done + added.failed + added.skipped
                 reason = _over_budget(cfg, out)
-                if reason and queue:
+                if reason and (queue or suspects):
                     out.stopped_by_budget = reason
             elapsed = time.monotonic() - t0
             rate = done_this_run / elapsed if elapsed > 0 else 0.0
             remaining = out.planned - (out.done + out.failed + out.skipped)
             metrics.eta.set(remaining / rate if rate > 0 else 0)
             if on_progress:
+                out.live = poller.poll()
                 on_progress(out)
     finally:
         for a in actors:
             ray.kill(a)
     out.elapsed_s = time.monotonic() - t0
+    out.live = None  # everything finished is committed now (the last poll may predate a commit)
     metrics.queue_depth.labels("explain").set(0)
     del limiters
     return out
+
+
+def _check_actors_ready(actors: list) -> None:
+    """Raise a ConfigError if the actors cannot run shards (a secret missing from their environment)."""
+    import ray
+
+    try:
+        errors = [e for e in ray.get([a.ready.remote() for a in actors]) if e]
+    except ray.exceptions.RayActorError:
+        return  # an actor died starting: the driver's loop counts and retries that like any death
+    if errors:
+        raise ConfigError(f"the shard actors cannot start: {errors[0]} (actors read secrets from their own "
+                          f"environment: on a cluster, set them on every node, e.g. a Kubernetes secretKeyRef)")
 
 
 def _shared_limiters(cfg: SweepConfig) -> list:
@@ -322,31 +542,53 @@ def _shared_limiters(cfg: SweepConfig) -> list:
             if getattr(cfg, role).kind != "local"]
 
 
-def _count(out: SweepOutcome, s: dict, metrics: SweepMetrics, *, fresh: bool) -> None:
-    out.done += s["done"]
-    out.failed += s["failed"]
-    out.skipped += s["skipped"]
-    out.shards_committed += 1
-    out.prompt_tokens += s["prompt_tokens"]
-    out.completion_tokens += s["completion_tokens"]
-    out.cost_usd += s["cost_usd"]
-    for reason, k in s.get("failures", {}).items():
-        out.failures[reason] = out.failures.get(reason, 0) + k
+def _refused_while_restarting(e: BaseException) -> bool:
+    """Whether Ray refused a call because its actor was restarting (sent after a death the driver had not seen
+    yet): the call never ran. Ray says so only in the message; were that wording to change, such a refusal
+    would count as a death of the shard, which only brings its `max_shard_crashes` nearer."""
+    import ray
+
+    return isinstance(e, ray.exceptions.ActorUnavailableError) and "actor is restarting" in str(e)
+
+
+def _one_line(e: BaseException) -> str:
+    return f"{type(e).__name__}: {(str(e).splitlines() or [''])[0][:300]}"
+
+
+def _count(out: SweepOutcome, s: ShardSummary, metrics: SweepMetrics, *, fresh: bool,
+           previous: ShardSummary | None = None) -> None:
+    """Move the tally from the shard's `previous` commit (counted already; None: the shard was not committed) to
+    `s`, and count what `s` added in the metrics when it was committed by this run (`fresh`)."""
+    for sign, summary in ((-1, previous), (1, s)):
+        if summary is None:
+            continue
+        out.done += sign * summary.done
+        out.failed += sign * summary.failed
+        out.skipped += sign * summary.skipped
+        out.shards_committed += sign
+        out.prompt_tokens += sign * summary.prompt_tokens
+        out.completion_tokens += sign * summary.completion_tokens
+        out.cost_usd += sign * summary.cost_usd
+        for reason, k in summary.failures.items():
+            out.failures[reason] = out.failures.get(reason, 0) + sign * k
+    out.failures = {reason: k for reason, k in out.failures.items() if k}
     if not fresh:
         return
-    metrics.shards_committed.inc()
+    s = added_by(s, previous)
+    if previous is None:  # a re-commit (--retry-failed) commits no new shard
+        metrics.shards_committed.inc()
     for status in ("done", "failed", "skipped"):
-        metrics.neurons.labels(status).inc(s[status])
-    for reason, k in s.get("failures", {}).items():
+        metrics.neurons.labels(status).inc(getattr(s, status))
+    for reason, k in s.failures.items():
         metrics.failures.labels(reason).inc(k)
-    metrics.cost.inc(s["cost_usd"])
-    for role, provider, model, status, k in s.get("requests", []):
+    metrics.cost.inc(s.cost_usd)
+    for role, provider, model, status, k in s.requests:
         metrics.api_requests.labels(role, provider, model, status).inc(k)
-    for role, provider, model, kind, k in s.get("tokens", []):
+    for role, provider, model, kind, k in s.tokens:
         metrics.api_tokens.labels(role, provider, model, kind).inc(k)
-    for role, seconds in s.get("latencies", []):
+    for role, seconds in s.latencies:
         metrics.api_latency.labels(role).observe(seconds)
-    for role, seconds in s.get("waits", []):
+    for role, seconds in s.waits:
         metrics.limiter_wait.labels(role).observe(seconds)
 
 

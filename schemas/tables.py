@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import pyarrow as pa
 
-SCHEMA_VERSION = "1.1"  # 1.1: scores.auc
+SCHEMA_VERSION = "1.3"  # 1.1: scores.auc; 1.2: ledger.reason; 1.3: neuron_stats.min, n_nonfinite, window_max_quantiles
 VERSION_KEY = b"neuronsweep.schema_version"
 TABLE_KEY = b"neuronsweep.table"
 
@@ -31,7 +31,7 @@ SEQUENCES = _schema("sequences", [
 
 RECORDS = _schema("records", [
     LAYER, NEURON,
-    pa.field("kind", pa.string(), nullable=False),  # top | random | quantile
+    pa.field("kind", pa.string(), nullable=False),  # top | bottom | random | quantile
     pa.field("rank", pa.int16(), nullable=False),
     pa.field("seq_id", pa.int64(), nullable=False),
     pa.field("activations", pa.list_(pa.float32()), nullable=False),
@@ -45,6 +45,9 @@ NEURON_STATS = _schema("neuron_stats", [
     pa.field("max", pa.float32()),
     pa.field("frac_positive", pa.float64()),
     pa.field("n_tokens", pa.int64()),
+    pa.field("min", pa.float32()),
+    pa.field("n_nonfinite", pa.int64()),  # NaN / ±inf activations; the columns above but n_tokens leave them out
+    pa.field("window_max_quantiles", pa.list_(pa.float32())),  # at 0.5, 0.9, 0.99, 0.999 (quantile records only)
 ])
 
 EXPLANATIONS = _schema("explanations", [
@@ -84,6 +87,8 @@ LEDGER = _schema("ledger", [
     pa.field("status", pa.string(), nullable=False),  # done | failed | skipped
     pa.field("attempts", pa.int16()),
     pa.field("error", pa.string()),
+    pa.field("reason", pa.string()),  # a FailureReason value (schemas/failures.py) for a failed neuron, "dead" for
+    # a skipped one (never above 0), else null
     pa.field("updated_at", pa.timestamp("ms", tz="UTC")),
     pa.field("shard_id", pa.string()),
     pa.field("prompt_tokens", pa.int64()),

@@ -59,6 +59,13 @@ def rule_for(explanation: str) -> Rule | None:
 
 # --- reading this project's prompts ----------------------------------------------------------------------
 _EXPLANATION_RE = re.compile(r"^Explanation: (.*)$", re.MULTILINE)
+
+
+def _explanation_in(user: str) -> str:
+    m = _EXPLANATION_RE.search(user)
+    if m is None:
+        raise ValueError("the stub backend got a prompt without an 'Explanation:' line")
+    return m.group(1)
 _MARKER_RE = re.compile(r"^</?text \d+>$")
 _SNIPPET_RE = re.compile(r"^Snippet \d+: (.*)$", re.MULTILINE)
 _HIGHLIGHT_RE = re.compile(re.escape(HIGHLIGHT_OPEN) + r"(.*?)" + re.escape(HIGHLIGHT_CLOSE))
@@ -118,7 +125,7 @@ class RuleStubBackend:
         return best.phrase if best else "nothing in particular"
 
     def _simulate_chat(self, user: str) -> tuple[str, list[TokenAlternatives]]:
-        rule = rule_for(_EXPLANATION_RE.search(user).group(1))
+        rule = rule_for(_explanation_in(user))
         pieces: list[TokenAlternatives] = []
         for line in user.split("\n"):
             if _MARKER_RE.match(line):
@@ -132,7 +139,7 @@ class RuleStubBackend:
         return "".join(p.token for p in pieces), pieces
 
     def _judge(self, user: str, *, fuzzing: bool) -> tuple[str, list[TokenAlternatives]]:
-        rule = rule_for(_EXPLANATION_RE.search(user).group(1))
+        rule = rule_for(_explanation_in(user))
         answers = []
         for snippet in _SNIPPET_RE.findall(user):
             if rule is None:
@@ -215,7 +222,7 @@ def _jitter(seq_id: int, pos: int) -> float:
 def planted_neuron(rule: str, windows: list[list[str]], *, layer: int = 0, neuron: int = 0, top_k: int = 20,
                    n_random: int = 15, seed: int = 0) -> NeuronRecords:
     """A synthetic neuron that fires (2.0-4.0) on tokens matching `rule` and sits slightly below 0 elsewhere,
-    with top and random records chosen as the sweep does (SPEC §2)."""
+    with top and random records chosen as the sweep does (docs/method.md §2)."""
     match = RULES[rule].match
 
     def acts(seq_id: int, tokens: list[str]) -> list[float]:

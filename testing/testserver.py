@@ -2,11 +2,15 @@
 
 It serves /v1/chat/completions (with logprobs/top_logprobs) and /v1/completions (echo + logprobs with
 text_offset), enforces requests/min and tokens/min with real 429s and Retry-After, sleeps a configurable
-latency, injects faults on demand, counts requests per request body (so a test can assert "no call was paid
-twice"), and answers through a pluggable `Responder`.
+latency, injects faults on demand (with the response headers a test chooses, e.g. a long Retry-After),
+counts requests per request body (so a test can assert "no call was paid twice"), and answers through a
+pluggable `Responder`. A chat answer longer than `max_tokens` is cut there with `finish_reason: length`, as
+real servers do. Every response carries a `Date` from the server's clock, which `clock_skew_s` sets apart
+from this machine's.
 
     with TestServer(limits=Limits(requests_per_minute=600)) as server:
         server.inject("500", times=2)
+        server.inject("429", headers={"retry-after": "86400"})
         ... OpenAI client at server.base_url ...
         assert max(server.served.values()) == 1
 
@@ -17,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import email.utils
 import hashlib
 import json
 import math
@@ -127,13 +132,14 @@ class TestServer:
     fault_rates: dict[str, float] = field(default_factory=dict)  # random faults, e.g. {"500": 0.05}
     hang_s: float = 30.0
     seed: int = 0
+    clock_skew_s: float = 0.0  # the server's clock (its Date header) minus this machine's
     __test__ = False  # not a pytest test class
 
     def __post_init__(self) -> None:
         self.calls: collections.Counter[str] = collections.Counter()  # every request, by request key
         self.served: collections.Counter[str] = collections.Counter()  # 200 OK well-formed answers, by key
         self.log: list[ServedCall] = []
-        self._faults: collections.deque[tuple[str, str | None]] = collections.deque()
+        self._faults: collections.deque[tuple[str, str | None, dict | None]] = collections.deque()
         self._faults_lock = threading.Lock()
         self._rng = random.Random(self.seed)
         self._req_bucket = _Bucket(self.limits.requests_per_minute, self.limits.burst_s) \
@@ -146,12 +152,22 @@ class TestServer:
         self.port = 0
 
     # --- control from the test --------------------------------------------------------------------------
-    def inject(self, fault: str, times: int = 1, path: str | None = None) -> None:
-        """The next `times` requests (to `path`, e.g. "/v1/completions", or any) get `fault`."""
+    def inject(self, fault: str, times: int = 1, path: str | None = None, headers: dict[str, str] | None = None
+               ) -> None:
+        """The next `times` requests (to `path`, e.g. "/v1/completions", or any) get `fault`. `headers` go on
+        the faulty response; for a 429 they replace the default Retry-After headers."""
         if fault not in FAULTS:
             raise ValueError(f"unknown fault {fault!r} (allowed: {', '.join(FAULTS)})")
         with self._faults_lock:
-            self._faults.extend([(fault, path)] * times)
+            self._faults.extend([(fault, path, headers)] * times)
+
+    def now(self) -> float:
+        """The server's clock (Unix time), as its Date header shows it."""
+        return time.time() + self.clock_skew_s
+
+    def requests_to(self, path: str) -> int:
+        """Requests received at `path` (e.g. "/v1/completions"), whatever their answer."""
+        return sum(1 for c in self.log if c.path == path)
 
     def status_counts(self) -> collections.Counter[int]:
         return collections.Counter(c.status for c in self.log)
@@ -163,7 +179,8 @@ class TestServer:
     # --- lifecycle ----------------------------------------------------------------------------------------
     def start(self) -> "TestServer":
         config = uvicorn.Config(self.app, host="127.0.0.1", port=0, log_level="critical", access_log=False,
-                                timeout_graceful_shutdown=1, lifespan="off", backlog=4096)
+                                timeout_graceful_shutdown=1, lifespan="off", backlog=4096,
+                                date_header=False)  # ours, on the server's clock
         self._server = uvicorn.Server(config)
         self._thread = threading.Thread(target=self._server.run, name="testserver", daemon=True)
         self._thread.start()
@@ -178,7 +195,8 @@ class TestServer:
     def stop(self) -> None:
         if self._server is not None:
             self._server.should_exit = True
-            self._thread.join(timeout=10)
+            if self._thread is not None:
+                self._thread.join(timeout=10)
             self._server = None
 
     def __enter__(self) -> "TestServer":
@@ -188,16 +206,19 @@ class TestServer:
         self.stop()
 
     # --- the app ------------------------------------------------------------------------------------------
-    def _next_fault(self, path: str) -> str | None:
+    def _next_fault(self, path: str) -> tuple[str | None, dict | None]:
         with self._faults_lock:
-            for i, (fault, p) in enumerate(self._faults):
+            for i, (fault, p, headers) in enumerate(self._faults):
                 if p is None or p == path:
                     del self._faults[i]
-                    return fault
+                    return fault, headers
         for fault, rate in self.fault_rates.items():
             if self._rng.random() < rate:
-                return fault
-        return None
+                return fault, None
+        return None, None
+
+    def _date(self) -> dict[str, str]:
+        return {"date": email.utils.formatdate(self.now(), usegmt=True)}
 
     def _admit(self, charge: float) -> float:
         """0 if admitted (and charged), else the seconds until it would be."""
@@ -219,14 +240,17 @@ class TestServer:
             body = await request.json()
             key = request_key(path, body)
             self.calls[key] += 1
-            fault = self._next_fault(path)
+            fault, fault_headers = self._next_fault(path)
+            date = self._date()
             prompt_text = _prompt_text(body)
             prompt_tokens = len(tokenize(prompt_text)) + 3 * len(body.get("messages", []))
             max_tokens = _max_tokens(body)
             wait = 1.0 if fault == "429" else self._admit(prompt_tokens + max_tokens)
             if wait > 0:
                 self.log.append(ServedCall(time.monotonic(), path, 429))
-                return _rate_limited(wait)
+                if fault == "429" and fault_headers is not None:
+                    return _rate_limited(wait, {**date, **fault_headers})
+                return _rate_limited(wait, {**date, **_retry_after_headers(wait)})
             if fault == "hang":
                 await asyncio.sleep(self.hang_s)
             delay = self.latency()
@@ -235,7 +259,7 @@ class TestServer:
             if fault in ("500", "503"):
                 self.log.append(ServedCall(time.monotonic(), path, int(fault)))
                 return JSONResponse({"error": {"message": "injected server error", "type": "server_error"}},
-                                    status_code=int(fault))
+                                    status_code=int(fault), headers={**date, **(fault_headers or {})})
             payload, completion_tokens, unused = build(body, fault == "missing_logprobs")
             if self._tok_bucket and unused > 0:
                 self._tok_bucket.refund(unused)
@@ -253,7 +277,7 @@ class TestServer:
             elif fault is None:
                 self.served[key] += 1
             self.log.append(ServedCall(time.monotonic(), path, status_logged, prompt_tokens, completion_tokens))
-            return Response(raw, media_type="application/json")
+            return Response(raw, media_type="application/json", headers=date)
 
         @app.post("/v1/chat/completions")
         async def chat(request: Request) -> Response:
@@ -295,7 +319,8 @@ class TestServer:
         prompt = body.get("prompt", "")
         prompt = prompt[0] if isinstance(prompt, list) else prompt
         max_tokens = _max_tokens(body)
-        generated = tokenize(self.responder.chat([{"role": "user", "content": prompt}], max_tokens))[:max_tokens]
+        generated = tokenize(self.responder.chat([{"role": "user", "content": prompt}], max_tokens))[:max_tokens] \
+            if max_tokens > 0 else []  # an echo of the prompt alone generates nothing: nothing to ask
         gen_text = "".join(t for t, _ in generated)
         echo = bool(body.get("echo"))
         full = prompt + gen_text
@@ -305,7 +330,8 @@ class TestServer:
         k = body.get("logprobs")
         logprobs = None
         if k is not None and not drop_logprobs:
-            tops, lps = [], []
+            tops: list[dict[str, float] | None] = []
+            lps: list[float | None] = []
             for i, (tok, off) in enumerate(tokens):
                 if echo and i == 0:
                     tops.append(None)  # nothing predicts the first prompt token
@@ -336,9 +362,12 @@ def _prompt_text(body: dict) -> str:
     return prompt[0] if isinstance(prompt, list) else str(prompt)
 
 
-def _rate_limited(wait_s: float) -> JSONResponse:
-    headers = {"retry-after": str(max(1, math.ceil(wait_s))), "retry-after-ms": str(math.ceil(wait_s * 1000)),
-               "x-ratelimit-reset-requests": f"{math.ceil(wait_s * 1000)}ms"}
+def _retry_after_headers(wait_s: float) -> dict[str, str]:
+    return {"retry-after": str(max(1, math.ceil(wait_s))), "retry-after-ms": str(math.ceil(wait_s * 1000)),
+            "x-ratelimit-reset-requests": f"{math.ceil(wait_s * 1000)}ms"}
+
+
+def _rate_limited(wait_s: float, headers: dict[str, str]) -> JSONResponse:
     return JSONResponse({"error": {"message": "Rate limit reached", "type": "rate_limit_exceeded",
                                    "code": "rate_limit_exceeded"}}, status_code=429, headers=headers)
 

@@ -1,4 +1,5 @@
 import os
+from pathlib import Path
 
 import pytest
 
@@ -6,17 +7,54 @@ import pytest
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.pop("RAY_ADDRESS", None)
+# The `tiny-` test models (testing/models.py) for every process a test starts: CLI subprocesses and local Ray
+# workers inherit this, and the model loader imports the module before its first lookup.
+os.environ.setdefault("NEURONSWEEP_MODEL_SOURCES", "testing.models")
+
+
+TIERS = ("unit", "integration", "system")  # the folders under tests/, each also a marker (`pytest -m unit`)
+
+
+def pytest_collection_modifyitems(config, items):
+    """Mark each test with its tier; a test module outside the tier folders is a usage error, so that a run
+    by tier (`make test` runs tests/unit tests/integration tests/system) cannot leave it out unnoticed."""
+    here = Path(__file__).parent
+    for item in items:
+        path = Path(item.path)
+        if here not in path.parents:
+            continue
+        tier = path.relative_to(here).parts[0]
+        if tier not in TIERS:
+            raise pytest.UsageError(f"{path.relative_to(here.parent)}: test modules belong in tests/unit, "
+                                    f"tests/integration or tests/system")
+        item.add_marker(getattr(pytest.mark, tier))
+
+
+@pytest.fixture(scope="module")
+def ray_local():
+    """An in-process local Ray (2 CPUs, no dashboard) for the module that asks for it, shut down after it.
+
+    Module scope, not session: the product's own code starts and stops Ray when none is running and changes
+    behaviour when one is (e.g. the LLM client shares a Ray rate limiter), so Ray must not stay up into modules
+    that did not ask for it. `address="local"` never joins a cluster a developer happens to run."""
+    import ray
+
+    if ray.is_initialized():  # left over by a test that started Ray itself: fail here, not somewhere obscure
+        raise RuntimeError("Ray is already initialized before the ray_local fixture; a test did not shut it down")
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield ray
+    ray.shutdown()
 
 
 @pytest.fixture(scope="session")
 def tiny_gpt2():
-    from workers.models.loading import tiny_model
+    from testing.models import tiny_model
     return tiny_model("gpt2")
 
 
 @pytest.fixture(scope="session")
 def tiny_llama():
-    from workers.models.loading import tiny_model
+    from testing.models import tiny_model
     return tiny_model("llama")
 
 

@@ -13,6 +13,7 @@ from typing import Annotated, Any, Optional
 import typer
 import yaml
 from rich.console import Console
+from rich.markup import escape
 
 from schemas.config import ConfigError, SweepConfig
 
@@ -58,6 +59,9 @@ def build_config(config: Path | None = None, sets: list[str] | None = None, **fl
         if value is not None:
             overrides[named[flag]] = value
     cfg = SweepConfig.load(config, overrides)
+    from workers.method import check_config
+
+    check_config(cfg)
     if cfg.ray_address is None and os.environ.get("RAY_ADDRESS"):
         cfg.ray_address = os.environ["RAY_ADDRESS"]
     return cfg
@@ -103,10 +107,10 @@ def info(model: ModelOpt = None, config: ConfigOpt = None, sets: SetOpt = None) 
     cfg = build_config(config, sets, model=model)
     from workers.models.loading import model_info
 
-    with console.status(f"resolving {cfg.model.name} (the first use converts the embedded model once)"):
+    with console.status(f"resolving {escape(cfg.model.name)} (the first use converts the embedded model once)"):
         i = model_info(cfg.model.name)
-    out.print(f"model         {i.name}")
-    out.print(f"architecture  {i.architecture}")
+    out.print(f"model         {i.name}", markup=False)
+    out.print(f"architecture  {i.architecture}", markup=False)
     out.print(f"layers        {i.n_layers}")
     out.print(f"neurons/layer {i.n_neurons:,}")
     out.print(f"total neurons {i.total_neurons:,}  ({i.n_layers} x {i.n_neurons:,})")
@@ -143,14 +147,15 @@ def _register_commands() -> None:
 def main(argv: list[str] | None = None) -> int:
     from schemas.tables import SchemaVersionError
     from workers.extract.corpus import CorpusError
-    from workers.extract.worker import ExtractError
+    from workers.extract.errors import ExtractError
     from workers.models.loading import ModelLoadError
 
     _register_commands()
     try:
         app(args=argv, standalone_mode=False)
     except (ConfigError, CLIError, CorpusError, ExtractError, ModelLoadError, SchemaVersionError) as e:
-        console.print(f"[bold red]error:[/] {e}", highlight=False, markup=True, soft_wrap=True)
+        # escaped: a message may hold brackets (`pip install 'neuronsweep[viewer]'`) that are not markup
+        console.print(f"[bold red]error:[/] {escape(str(e))}", highlight=False, markup=True, soft_wrap=True)
         return 2
     except (typer.Abort, KeyboardInterrupt):
         console.print("aborted")
@@ -159,9 +164,10 @@ def main(argv: list[str] | None = None) -> int:
         return int(e.code or 0)
     except Exception as e:
         # usage errors (unknown option, bad value) from typer's bundled click: print them, no traceback
-        if callable(getattr(e, "show", None)) and isinstance(getattr(e, "exit_code", None), int):
-            e.show()
-            return e.exit_code
+        show, exit_code = getattr(e, "show", None), getattr(e, "exit_code", None)
+        if callable(show) and isinstance(exit_code, int):
+            show()
+            return exit_code
         raise
     return 0
 

@@ -3,26 +3,50 @@ from __future__ import annotations
 
 import json
 import time
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.markup import escape
 from rich.table import Table
 
-from orchestrator.cli.app import (AddressOpt, CLIError, ConfigOpt, CorpusOpt, LayersOpt, ModelOpt, NeuronsOpt, OutOpt,
-                              SeqLenOpt, SetOpt, WindowsOpt, app, build_config, console, env, open_run, out,
-                              s3_options_from_env)
-from orchestrator.plan import load_run_config
+from orchestrator.cli.app import (
+    AddressOpt,
+    CLIError,
+    ConfigOpt,
+    CorpusOpt,
+    LayersOpt,
+    ModelOpt,
+    NeuronsOpt,
+    OutOpt,
+    SeqLenOpt,
+    SetOpt,
+    WindowsOpt,
+    app,
+    build_config,
+    console,
+    env,
+    open_run,
+    out,
+    s3_options_from_env,
+)
+from orchestrator.lease import DEFAULT_STALE_AFTER_S
+from orchestrator.plan import check_committed_shards, config_for_run, plan_of_run, read_run_file
+from orchestrator.progress import ProgressReporter
 from orchestrator.store import RunStore
-from schemas.config import SweepConfig
+from schemas.config import ConfigError, SweepConfig
+from schemas.layout import EXTRACT_MARKER, RUN_FILE
 
 RetryOpt = Annotated[bool, typer.Option("--retry-failed", help="also redo neurons that failed before")]
 LingerOpt = Annotated[float, typer.Option("--metrics-linger", help="keep serving metrics this many seconds after "
                                                                   "the sweep ends, so a last scrape sees the end")]
+UnlockOpt = Annotated[bool, typer.Option("--force-unlock", help="take the run over from another driver's lease "
+                                                               "(only when that driver is gone)")]
+LeaseTimeoutOpt = Annotated[float, typer.Option("--lease-timeout", min=1.0, help="seconds without a heartbeat after "
+                                                "which another driver's lease counts as stale and is taken over")]
 
 
-def _run(cfg: SweepConfig, *, retry_failed: bool, linger_s: float = 0.0) -> None:
+def _run(cfg: SweepConfig, *, retry_failed: bool, linger_s: float = 0.0, force_unlock: bool = False,
+         lease_timeout_s: float = DEFAULT_STALE_AFTER_S, command: str = "neuronsweep sweep") -> None:
     from orchestrator.metrics import SweepMetrics
     from orchestrator.pipeline import run_sweep
 
@@ -31,26 +55,24 @@ def _run(cfg: SweepConfig, *, retry_failed: bool, linger_s: float = 0.0) -> None
     server = None
     if cfg.metrics_port:
         try:
-            server, _ = metrics.serve(cfg.metrics_port)
-            console.print(f"metrics: http://127.0.0.1:{cfg.metrics_port}/metrics")
+            server, _ = metrics.serve(cfg.metrics_port, cfg.metrics_host)
+            host = f"[{cfg.metrics_host}]" if ":" in cfg.metrics_host else cfg.metrics_host
+            console.print(f"metrics: http://{host}:{cfg.metrics_port}/metrics", markup=False)
         except OSError as err:
             console.print(f"[yellow]metrics port {cfg.metrics_port} unavailable ({err.strerror}); "
                           f"set metrics_port to another port or 0[/]")
     metrics.build_info.labels(_version(), cfg.output).set(1)
-    columns = [TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-               TextColumn("{task.fields[rate]}"), TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn()]
-    with Progress(*columns, console=console, transient=False) as progress:
-        task = progress.add_task("neurons", total=None, rate="")
-
-        def on_progress(o):
-            finished = o.done + o.failed + o.skipped
-            speed = progress.tasks[task].speed
-            progress.update(task, total=o.planned, completed=finished,
-                            rate=f"{speed:.1f} neurons/s" if speed else "")
-
-        outcome = run_sweep(cfg, e, retry_failed=retry_failed, s3_options=s3_options_from_env(e), metrics=metrics,
-                            on_progress=on_progress, extract_progress=progress)
-        on_progress(outcome)
+    # a progress bar on a terminal, plain lines every progress_interval_s otherwise (orchestrator/progress.py)
+    with ProgressReporter(cfg, console=console, out=out, metrics=metrics) as reporter:
+        try:
+            outcome = run_sweep(cfg, e, retry_failed=retry_failed, s3_options=s3_options_from_env(e),
+                                metrics=metrics, on_progress=reporter.on_progress,
+                                extract_progress=reporter.extract_progress, force_unlock=force_unlock,
+                                lease_timeout_s=lease_timeout_s, command=command)
+        except ConfigError:  # refused (a run in use, a damaged run directory): its one line, without an empty bar
+            reporter.discard()
+            raise
+        reporter.on_progress(outcome)
     out.print(f"neurons: {outcome.done:,} done, {outcome.failed:,} failed, {outcome.skipped:,} skipped "
               f"of {outcome.planned:,}; {outcome.shards_committed}/{outcome.shards_total} shards committed")
     out.print(f"tokens: {outcome.prompt_tokens:,} prompt + {outcome.completion_tokens:,} completion; "
@@ -58,15 +80,15 @@ def _run(cfg: SweepConfig, *, retry_failed: bool, linger_s: float = 0.0) -> None
     if outcome.failures:
         out.print("failures by reason: " + ", ".join(f"{k} {v}" for k, v in sorted(outcome.failures.items())))
     for shard_id, err in outcome.shard_errors[:5]:
-        out.print(f"[red]shard {shard_id} did not commit:[/] {err}")
+        out.print(f"[red]shard {shard_id} did not commit:[/] {escape(str(err))}")
     if outcome.stopped_by_budget:
-        out.print(f"[yellow]stopped: {outcome.stopped_by_budget}.[/] Raise the budget and continue with "
-                  f"`neuronsweep resume {cfg.output} --set budget.max_tokens=...`")
+        out.print(f"[yellow]stopped: {escape(str(outcome.stopped_by_budget))}.[/] Raise the budget and continue "
+                  f"with `{escape(_resume_command(cfg))} --set budget.max_tokens=...`")
     elif not outcome.complete:
-        out.print(f"[yellow]incomplete[/]: continue with `neuronsweep resume {cfg.output}`")
+        out.print(f"[yellow]incomplete[/]: continue with `{escape(_resume_command(cfg))}`")
     else:
         out.print(f"results in {cfg.output}: `neuronsweep status {cfg.output}`, "
-                  f"`neuronsweep show {cfg.output} LAYER NEURON`, `neuronsweep view {cfg.output}`")
+                  f"`neuronsweep show {cfg.output} LAYER NEURON`, `neuronsweep view {cfg.output}`", markup=False)
     if server is not None:
         if linger_s > 0:
             console.print(f"serving final metrics for {linger_s:g}s more")
@@ -74,6 +96,16 @@ def _run(cfg: SweepConfig, *, retry_failed: bool, linger_s: float = 0.0) -> None
         server.shutdown()
     if outcome.shard_errors:
         raise typer.Exit(1)
+
+
+def _resume_command(cfg: SweepConfig) -> str:
+    """How to continue this run: with the config file again where an endpoint or key variable is not the default
+    (resume never takes those from run.json)."""
+    default = SweepConfig()
+    custom = any(getattr(cfg, role).kind == "openai" and (
+        getattr(cfg, role).base_url != getattr(default, role).base_url
+        or getattr(cfg, role).api_key_env != getattr(default, role).api_key_env) for role in ("explainer", "simulator"))
+    return f"neuronsweep resume {cfg.output}" + (" --config CONFIG" if custom else "")
 
 
 def _version() -> str:
@@ -88,34 +120,35 @@ def _version() -> str:
 def sweep(config: ConfigOpt = None, sets: SetOpt = None, model: ModelOpt = None, corpus: CorpusOpt = None,
           layers: LayersOpt = None, neurons: NeuronsOpt = None, out_dir: OutOpt = None, seq_len: SeqLenOpt = None,
           max_windows: WindowsOpt = None, address: AddressOpt = None, retry_failed: RetryOpt = False,
-          metrics_linger: LingerOpt = 0.0) -> None:
+          metrics_linger: LingerOpt = 0.0, force_unlock: UnlockOpt = False,
+          lease_timeout: LeaseTimeoutOpt = DEFAULT_STALE_AFTER_S) -> None:
     """Extract, explain, simulate and score every requested neuron (resumes an existing run directory)."""
     cfg = build_config(config, sets, model=model, corpus=corpus, layers=layers, neurons=neurons, out=out_dir,
                        seq_len=seq_len, max_windows=max_windows, address=address)
-    _run(cfg, retry_failed=retry_failed, linger_s=metrics_linger)
+    _run(cfg, retry_failed=retry_failed, linger_s=metrics_linger, force_unlock=force_unlock,
+         lease_timeout_s=lease_timeout)
 
 
 @app.command()
-def resume(run: Annotated[str, typer.Argument(help="run directory or URI")], sets: SetOpt = None,
-           address: AddressOpt = None, retry_failed: RetryOpt = False, metrics_linger: LingerOpt = 0.0) -> None:
-    """Continue a run from its run directory: nothing committed is redone, no journaled call is repaid."""
+def resume(run: Annotated[str, typer.Argument(help="run directory or URI")], config: ConfigOpt = None,
+           sets: SetOpt = None, address: AddressOpt = None, retry_failed: RetryOpt = False,
+           metrics_linger: LingerOpt = 0.0, force_unlock: UnlockOpt = False,
+           lease_timeout: LeaseTimeoutOpt = DEFAULT_STALE_AFTER_S) -> None:
+    """Continue a run from its run directory: nothing committed is redone, no journaled call is repaid. The config
+    comes from the run's run.json, with --config/--set on top; an endpoint other than the default, or the variable
+    holding its key, must be given again (--config or --set): a run directory never decides where a key goes."""
     store = _open(run)
-    cfg = load_run_config(store)
-    data = cfg.model_dump(mode="json")
-    from orchestrator.cli.app import parse_set
-    from schemas.config import set_dotted
-    for k, v in parse_set(sets).items():
-        set_dotted(data, k, v)
-    data["output"] = run
-    if address:
-        data["ray_address"] = address
-    _run(SweepConfig.from_dict(data), retry_failed=retry_failed, linger_s=metrics_linger)
+    user = build_config(config, sets, address=address)
+    cfg = config_for_run(read_run_file(store)["config"], user, output=run)
+    _run(cfg, retry_failed=retry_failed, linger_s=metrics_linger, force_unlock=force_unlock,
+         lease_timeout_s=lease_timeout, command="neuronsweep resume")
 
 
 def _open(run: str) -> RunStore:
     store = open_run(run)
-    if not store.exists("run.json"):
-        raise CLIError(f"{run} is not a neuronsweep run directory (no run.json)")
+    if not store.exists(RUN_FILE):
+        raise CLIError(f"{run} is not a neuronsweep run directory (no {RUN_FILE})")
+    read_run_file(store)  # damaged or inconsistent: one line naming it and what to do
     return store
 
 
@@ -127,6 +160,9 @@ def status(run: Annotated[str, typer.Argument(help="run directory or URI")],
     from orchestrator.results.reader import RunReader
 
     store = _open(run)
+    plan = plan_of_run(store)
+    if plan is not None:  # committed shards run.json does not plan: counts would pass `planned`
+        check_committed_shards(plan, store)
     p = RunReader(store).progress()
     span = _commit_span_s(committed_summaries(store).values())
     st = {**p.to_dict(), "wall_s": span, "neurons_per_s": p.processed / span if span else 0.0}
@@ -151,16 +187,16 @@ def status(run: Annotated[str, typer.Argument(help="run directory or URI")],
             out.print(f"  {reason:<14} {n}")
 
 
-def _commit_span_s(markers) -> float:
+def _commit_span_s(summaries) -> float:
     """Seconds from the first shard's start to the last commit (pauses between resumed runs included)."""
     import datetime as dt
 
     starts, ends = [], []
-    for m in markers:
-        if m.get("committed_at"):
-            end = dt.datetime.fromisoformat(m["committed_at"]).timestamp()
+    for s in summaries:
+        if s.committed_at:
+            end = dt.datetime.fromisoformat(s.committed_at).timestamp()
             ends.append(end)
-            starts.append(end - m.get("elapsed_s", 0.0))
+            starts.append(end - s.elapsed_s)
     return max(ends) - min(starts) if ends else 0.0
 
 
@@ -193,12 +229,12 @@ def explain(layer: Annotated[int, typer.Option("--layer", help="layer of the neu
     import asyncio
 
     from orchestrator.pipeline import build_runner, required_secrets
-    from orchestrator.plan import EXTRACT_MARKER, Shard
+    from orchestrator.plan import Shard
 
     cfg = build_config(config, sets, model=model, out=out_dir)
     store = open_run(cfg.output)
-    if store.exists("run.json"):
-        cfg = load_run_config(store).model_copy(update={"output": cfg.output})
+    if store.exists(RUN_FILE):  # the run's method settings; endpoints and key variables from the user only
+        cfg = config_for_run(read_run_file(store)["config"], cfg, output=cfg.output)
     if not store.exists(EXTRACT_MARKER):
         raise CLIError(f"{cfg.output} has no finished extraction; run `neuronsweep extract --out {cfg.output}` first")
     e = env()
@@ -208,7 +244,7 @@ def explain(layer: Annotated[int, typer.Option("--layer", help="layer of the neu
     if not records.top:
         raise CLIError(f"no records for layer {layer} neuron {neuron} in {cfg.output} (extracted layers differ?)")
     started = time.monotonic()
-    with console.status(f"explaining layer {layer} neuron {neuron} with {cfg.explainer.model}"):
+    with console.status(f"explaining layer {layer} neuron {neuron} with {escape(cfg.explainer.model)}"):
         result = asyncio.run(runner.processor(records))
     if result.error:
         raise CLIError(f"layer {layer} neuron {neuron} failed: {result.error}")

@@ -4,7 +4,7 @@
 
 Writes score_distribution.png, score_by_layer.png, top_vs_random.png and summary.md (neurons done, the share
 scoring >= 0.8 and >= 0.5, the best neurons per layer, failures by reason, tokens and cost per neuron). Shares
-and means count only defined scores (an undefined score is null and is left out, SPEC §6).
+and means count only defined scores (an undefined score is null and is left out, docs/method.md §6).
 """
 from __future__ import annotations
 
@@ -18,7 +18,8 @@ import numpy as np  # noqa: E402
 import pyarrow as pa  # noqa: E402
 import pyarrow.compute as pc  # noqa: E402
 
-from orchestrator.results.reader import Progress, RunReader  # noqa: E402
+from orchestrator.results.index import Progress  # noqa: E402
+from orchestrator.results.reader import RunReader  # noqa: E402
 from orchestrator.store import RunStore  # noqa: E402
 
 THRESHOLDS = (0.8, 0.5)

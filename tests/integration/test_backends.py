@@ -5,13 +5,18 @@ import asyncio
 import pytest
 
 from schemas.config import Backend, ConfigError
+from testing.models import tiny_model
+from testing.testserver import TestServer
 from workers.llm.backends import make_backend
-from workers.llm.backends.base import (LLMBackend, PermanentLLMError, RateLimitedError, TransientLLMError,
-                                   UnsupportedError)
+from workers.llm.backends.base import (
+    LLMBackend,
+    PermanentLLMError,
+    RateLimitedError,
+    TransientLLMError,
+    UnsupportedError,
+)
 from workers.llm.backends.local import LocalBackend, common_prefix_len, token_positions
 from workers.llm.backends.openai_compat import OpenAICompatBackend, parse_duration, retry_after_from_headers
-from workers.models.loading import tiny_model
-from testing.testserver import TestServer
 
 PREFIX = "You look at a neuron. Here are examples of its activations.\n"
 
@@ -115,13 +120,13 @@ def test_openai_chat_and_prompt_logprobs_map_the_server_answer(server):
     prompt = "alpha beta\tgamma"
 
     async def run():
-        chat = await backend.chat([{"role": "user", "content": "hi"}], max_tokens=3, top_logprobs=2)
+        chat = await backend.chat([{"role": "user", "content": "hi"}], max_tokens=7, top_logprobs=2)
         lp = await backend.prompt_logprobs(prompt, [5, 10, len(prompt)], top_k=3)
         await backend.aclose()
         return chat, lp
 
     chat, lp = asyncio.run(run())
-    assert chat.usage.completion_tokens == 3 and len(chat.logprobs) == 3
+    assert chat.usage.completion_tokens == 7 and len(chat.logprobs) == 7  # the whole default answer
     assert chat.text == "".join(t.token for t in chat.logprobs)
     assert all(len(t.top) == 2 for t in chat.logprobs)
     # tokens: 'alpha' (0), ' beta' (5), '\tgamma' (10); the test responder puts the true token first

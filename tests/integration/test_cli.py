@@ -1,19 +1,31 @@
-import subprocess
+import re
 import sys
 
 import pytest
 
 from orchestrator.cli.app import main
+from support.cli import run_cli
+
+COMMANDS = {"info", "config", "extract", "sweep", "resume", "status", "show", "explain", "view", "report", "export",
+            "import"}
 
 
 def run(*args):
-    return subprocess.run([sys.executable, "-m", "orchestrator.cli.app", *args], capture_output=True, text=True,
-                          timeout=120)
+    return run_cli(*args, timeout=120)
 
 
-def test_help_lists_commands():
+def help_commands(help_text: str) -> list[str]:
+    """The command names in the Commands panel of the top-level help (one per row; wrapped rows start blank)."""
+    panel = help_text[help_text.index("Commands"):]
+    panel = panel[:panel.index("╰")]
+    return re.findall(r"^│ ([a-z][a-z-]*) ", panel, flags=re.M)
+
+
+def test_help_lists_every_command_once():
     r = run("--help")
-    assert r.returncode == 0 and "info" in r.stdout and "config" in r.stdout
+    assert r.returncode == 0, r.stderr
+    names = help_commands(r.stdout)
+    assert sorted(names) == sorted(COMMANDS)
 
 
 def test_info_on_a_tiny_model(capsys):
@@ -47,3 +59,12 @@ def test_bad_config_is_one_line_no_traceback(args, msg):
     assert r.returncode == 2
     assert msg in r.stderr and "Traceback" not in r.stderr
     assert len(r.stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("command, blocked, extra", [
+    ("view", "jinja2", "viewer"), ("view", "fastapi", "viewer"), ("report", "matplotlib", "report")])
+def test_a_missing_extra_is_one_line_naming_it(tmp_path, monkeypatch, capsys, command, blocked, extra):
+    monkeypatch.setitem(sys.modules, blocked, None)  # find_spec (and import) then treat it as not installed
+    assert main([command, str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == f"error: `neuronsweep {command}` needs {blocked}: pip install 'neuronsweep[{extra}]'"

@@ -12,11 +12,18 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from orchestrator import extraction as extract_run
-from orchestrator.extraction import EXTRACT_MARKER, read_records, run_extraction
+from orchestrator.extraction import run_extraction
+from orchestrator.extraction.outputs import read_records
+from orchestrator.extraction.plan import bottom_k_for, checked_plan
 from orchestrator.store import RunStore
 from schemas.config import ConfigError, SweepConfig
+from schemas.layout import EXTRACT_MARKER, EXTRACT_PLAN
+from workers.extract import capture
+from workers.extract.checkpoint import slot_heads
 from workers.extract.corpus import CorpusError
+from workers.extract.errors import ExtractError
+from workers.extract.sketch import sketch_picks_py
+from workers.extract.worker import ExtractWorker
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -39,9 +46,10 @@ def tables(store):
 
 def assert_same_outputs(a, b):
     """Outputs of runs whose chunks ran in different processes. fp32 CPU kernels can round differently from one
-    process to the next (up to ~1e-5 relative seen), which may reorder windows whose maxima tie exactly in one run (layer 0
-    of windows that start with the same token); so a different seq_id is accepted only between near-equal
-    maxima, and, for quantile records, where a near-tie moved a window across a bin boundary (rarely)."""
+    process to the next (up to ~1e-5 relative seen), which may reorder windows whose maxima tie exactly in one
+    run (layer 0 of windows that start with the same token); so a different seq_id is accepted only between
+    near-equal maxima, and, for quantile records, where such a rounding moved a window across a sketch bucket's
+    boundary (rarely)."""
     (ra, sa), (rb, sb) = tables(a), tables(b)
     key = ["layer", "neuron", "kind", "rank"]
     assert ra.select(key).equals(rb.select(key))
@@ -53,9 +61,9 @@ def assert_same_outputs(a, b):
     assert (quantile & ~same).sum() <= 0.02 * max(quantile.sum(), 1)
     acts_a, acts_b = np.array(ra["activations"].to_pylist()), np.array(rb["activations"].to_pylist())
     np.testing.assert_allclose(acts_a[same], acts_b[same], rtol=1e-4, atol=1e-5)
-    for col in ("layer", "neuron", "n_tokens", "frac_positive"):
+    for col in ("layer", "neuron", "n_tokens", "n_nonfinite", "frac_positive"):
         assert sa[col].equals(sb[col])
-    for col in ("max", "mean", "variance"):
+    for col in ("max", "min", "mean", "variance"):
         np.testing.assert_allclose(sa[col].to_numpy(), sb[col].to_numpy(), rtol=1e-4, atol=1e-6)
 
 
@@ -87,9 +95,16 @@ def test_outputs_equal_a_fresh_forward_over_the_stored_windows(reference, tiny_g
         np.testing.assert_allclose(r["activations"], acts[r["layer"]][r["seq_id"], :, r["neuron"]], rtol=1e-5,
                                    atol=1e-6)
         assert r["max_activation"] == pytest.approx(max(r["activations"]))
-    assert rec.num_rows == 2 * 64 * (4 + 3 + 3)  # 40 windows: quantile bins of 20, 16, 4 and 0 windows
-    assert set(rec.filter(pc.field("kind") == "quantile")["rank"].to_pylist()) == {0, 1, 2}
+    kinds = rec["kind"].to_pylist()
+    assert kinds.count("top") == kinds.count("random") + 128 == 2 * 64 * 4 and "bottom" not in kinds  # GELU: none
+    quantile = rec.filter(pc.field("kind") == "quantile")
+    per_neuron = pc.value_counts(pc.add(pc.multiply(quantile["layer"].cast("int32"), 1000), quantile["neuron"]))
+    assert len(per_neuron) == 128 and set(quantile["rank"].to_pylist()) <= {0, 1, 2}  # 40 windows: bin 3 is empty
     assert stats.num_rows == 128 and set(stats["n_tokens"].to_pylist()) == {40 * 16}
+    assert set(stats["n_nonfinite"].to_pylist()) == {0}
+    assert pc.all(pc.less_equal(stats["min"], stats["mean"])).as_py()
+    # 40 windows: quantile 0.99 and 0.999 would be position 40, past the last window
+    assert all(q[0] <= q[1] and q[2:] == [None, None] for q in stats["window_max_quantiles"].to_pylist())
     marker = store.read_json(EXTRACT_MARKER)
     assert {k: marker[k] for k in ("layers", "n_neurons", "n_windows", "seq_len", "top_k", "n_random", "seed")} == \
         {"layers": [0, 1], "n_neurons": 64, "n_windows": 40, "seq_len": 16, "top_k": 4, "n_random": 3, "seed": 3}
@@ -105,11 +120,13 @@ def test_a_finished_run_is_not_redone(reference):
 
 
 def test_reading_a_neuron_range_opens_only_its_files(tmp_path, monkeypatch):
+    from orchestrator.extraction import outputs
     from orchestrator.metrics import SweepMetrics
-    monkeypatch.setattr(extract_run, "NEURONS_PER_FILE", 16)
+    monkeypatch.setattr(outputs, "NEURONS_PER_FILE", 16)
     store = RunStore.open(str(tmp_path), create=True)
     metrics = SweepMetrics()
-    run_extraction(config(tmp_path, layers="1"), store, use_ray=False, chunk_windows=40, metrics=metrics)
+    run_extraction(config(tmp_path, layers="1", records={"quantiles": False}), store, use_ray=False, chunk_windows=40,
+                   metrics=metrics)
     assert metrics.registry.get_sample_value("neuronsweep_extract_tokens_total") == 40 * 16
     assert metrics.registry.get_sample_value("neuronsweep_extract_tokens_per_second", {"actor": "0"}) > 0
     files = sorted(p.rsplit("/", 1)[-1] for p in store.list_files("records/layer=1"))
@@ -118,17 +135,17 @@ def test_reading_a_neuron_range_opens_only_its_files(tmp_path, monkeypatch):
     t = read_records(store, 1, 20, 30)
     assert sorted(set(t["neuron"].to_pylist())) == list(range(20, 30))
     assert t["neuron"].to_pylist() == sorted(t["neuron"].to_pylist())  # rows sorted by neuron
-    assert t.num_rows == 10 * 10
+    assert t.num_rows == 10 * 7  # 4 top, 3 random
     assert read_records(store, 1, 70, 80).num_rows == 0
-    assert pq.read_metadata(store.list_files("records/layer=1")[0]).num_rows == 16 * 10
+    assert pq.read_metadata(store.list_files("records/layer=1")[0]).num_rows == 16 * 7
 
 
-def test_quantile_records_equal_brute_force_and_the_quantile_pass_resumes(tmp_path, tiny_llama, monkeypatch):
-    """120 windows (bins of 60, 48, 11 and 1 windows), chunks of 32 cut into batches of 7: every activation
-    materialised over the same batches; the quantile bins and hash picks computed the slow way from the first
-    pass's window maxima, which must equal the brute-force ones; the second pass's activations must reproduce
-    those maxima bit for bit."""
-    from workers.extract.worker import ExtractWorker, load_layer_maxima, quantile_picks_py
+def test_quantile_and_bottom_records_equal_brute_force_and_the_quantile_pass_resumes(tmp_path, tiny_llama,
+                                                                                     monkeypatch):
+    """120 windows, chunks of 32 cut into batches of 7: every activation materialised over the same batches; the
+    quantile picks computed the slow way (the sketch's bins, the hash picks) from the brute-force window maxima;
+    the quantile pass's activations equal the first pass's bit for bit where a window is also a top, bottom or
+    random record. A gated MLP gets bottom records by default (as many as top records)."""
     cfg = config(tmp_path, model={"name": "tiny-llama", "batch_size": 7}, corpus={"seq_len": 8, "max_windows": 120},
                  records={"n_per_quantile": 2})
     store = RunStore.open(str(tmp_path), create=True)
@@ -143,23 +160,26 @@ def test_quantile_records_equal_brute_force_and_the_quantile_pass_resumes(tmp_pa
                 tiny_llama.model(token_ids[i:min(i + 7, lo + 32, 120)])
     for h in hooks:
         h.remove()
-    rec = store.read_table("records").filter(pc.field("kind") == "quantile").to_pylist()
     got = {}
-    for r in rec:
-        got.setdefault((r["layer"], r["neuron"]), []).append(r)
+    for r in store.read_table("records").to_pylist():
+        got.setdefault((r["layer"], r["neuron"]), {}).setdefault(r["kind"], []).append(r)
+    n_picks = n_shared = 0
     for layer in (0, 1):
         full = np.concatenate(acts[layer])  # [120, 8, 64], brute force
-        seq, saved = load_layer_maxima(store, layer, range(4))  # the first pass's window maxima
-        first_pass = np.zeros((120, 64), dtype=np.float32)
-        first_pass[seq.numpy()] = saved.float().numpy()
-        np.testing.assert_allclose(first_pass, full.max(axis=1), rtol=1e-5, atol=1e-6)
+        maxima, minima = full.max(axis=1), full.min(axis=1)
         for n in range(64):
-            want = quantile_picks_py(3, layer, n, list(range(120)), first_pass[:, n].tolist(), 2)
             rows = got[(layer, n)]
-            assert [(r["rank"], r["seq_id"]) for r in rows] == want and len(want) == 7
-            for r in rows:
+            assert [r["seq_id"] for r in rows["bottom"]] == sorted(range(120), key=lambda s: (minima[s, n], s))[:4]
+            want = sketch_picks_py(3, layer, n, list(range(120)), maxima[:, n].tolist(), 2)
+            assert [(r["rank"], r["seq_id"]) for r in rows["quantile"]] == want
+            n_picks += len(want)
+            first_pass = {r["seq_id"]: r["activations"] for kind in ("top", "bottom", "random") for r in rows[kind]}
+            for r in rows["quantile"]:
                 np.testing.assert_allclose(r["activations"], full[r["seq_id"], :, n], rtol=1e-5, atol=1e-6)
-                assert r["max_activation"] == first_pass[r["seq_id"], n]  # the quantile pass: bit for bit
+                if r["seq_id"] in first_pass:
+                    assert r["activations"] == first_pass[r["seq_id"]]  # bit for bit
+                    n_shared += 1
+    assert n_picks > 2 * 64 * 4 and n_shared > 20  # most bins of most neurons hold two windows
     # the quantile pass resumes by chunk: drop one chunk's output and the finished marks, run again
     before = tables(store)
     store.fs.delete_dir(store.path("_extract/quantile/chunk-00001"))
@@ -200,24 +220,38 @@ def test_killed_driver_resumes_from_the_last_finished_chunk(tmp_path, reference)
 
 
 def test_a_partial_run_with_other_settings_is_refused(tmp_path):
-    from workers.extract.worker import ExtractError
     store = RunStore.open(str(tmp_path), create=True)
-    extract_run.checked_plan(config(tmp_path), store, _info(), [0, 1], 8)
+    checked_plan(config(tmp_path), store, _info(), [0, 1], 8)
     with pytest.raises(ExtractError, match=r"other settings \(top_k: 4 there, 8 now\)"):
-        extract_run.checked_plan(config(tmp_path, records={"top_k": 8, "n_per_split": 1}), store, _info(), [0, 1], 8)
+        checked_plan(config(tmp_path, records={"top_k": 8, "n_per_split": 1}), store, _info(), [0, 1], 8)
 
 
 def test_a_partial_run_without_quantiles_is_not_continued_with_them(tmp_path):
     """Its finished chunks saved no window maxima; a plan from before quantile records existed means 'off'."""
-    from workers.extract.worker import ExtractError
     store = RunStore.open(str(tmp_path), create=True)
-    plan = extract_run.checked_plan(config(tmp_path, records={"quantiles": False}), store, _info(), [0, 1], 8)
-    store.write_json(extract_run.PLAN_FILE, {k: v for k, v in plan.items() if "quantile" not in k})
-    assert extract_run.checked_plan(config(tmp_path, records={"quantiles": False, "n_per_quantile": 5}), store,
-                                    _info(), [0, 1], 8)["layers"] == [0, 1]
+    plan = checked_plan(config(tmp_path, records={"quantiles": False}), store, _info(), [0, 1], 8)
+    store.write_json(EXTRACT_PLAN, {k: v for k, v in plan.items() if "quantile" not in k})
+    assert checked_plan(config(tmp_path, records={"quantiles": False, "n_per_quantile": 5}), store,
+                        _info(), [0, 1], 8)["layers"] == [0, 1]
     with pytest.raises(ExtractError, match=r"other settings \(quantiles, n_per_quantile: "
                                            r"False there, True now, 2 there, 1 now\)"):
-        extract_run.checked_plan(config(tmp_path), store, _info(), [0, 1], 8)
+        checked_plan(config(tmp_path), store, _info(), [0, 1], 8)
+
+
+def test_a_partial_run_of_an_older_checkpoint_format_is_not_continued(tmp_path):
+    """Its slots hold no bottom records, minima or quantile sketch."""
+    store = RunStore.open(str(tmp_path), create=True)
+    plan = checked_plan(config(tmp_path), store, _info(), [0, 1], 8)
+    store.write_json(EXTRACT_PLAN, {k: v for k, v in plan.items() if k not in ("bottom_k", "state_format")})
+    with pytest.raises(ExtractError, match=r"other settings \(state_format: 1 there, 2 now\)"):
+        checked_plan(config(tmp_path), store, _info(), [0, 1], 8)
+
+
+@pytest.mark.parametrize("architecture, bottom_k, want", [
+    ("llama", None, 4), ("phi3", None, 4), ("gpt2", None, 0), ("opt", None, 0), ("gpt2", 8, 8), ("llama", 0, 0)])
+def test_bottom_records_default_to_top_k_for_gated_mlps_only(tmp_path, architecture, bottom_k, want):
+    records = {"bottom_k": bottom_k, "top_k": 4 if bottom_k != 8 else 8}
+    assert bottom_k_for(config(tmp_path, records=records), architecture) == want
 
 
 def _info():
@@ -255,19 +289,11 @@ def test_cli_extract_then_again_does_nothing(tmp_path, capsys):
     assert "layer 7 is out of range" in capsys.readouterr().err
 
 
-@pytest.fixture(scope="module")
-def ray_local():
-    import ray
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    yield ray
-    ray.shutdown()
-
-
 def test_two_ray_actors_over_halves_equal_one_worker_over_all(tmp_path, reference, ray_local):
     cfg = config(tmp_path)
     store = RunStore.open(str(tmp_path), create=True)
     s = run_extraction(cfg, store, n_actors=2, chunk_windows=8)
-    heads = extract_run.slot_heads(store)
+    heads = slot_heads(store)
     assert sorted(heads) == [0, 1] and all(h["done_chunks"] for h in heads.values())  # both actors worked
     assert s.chunks_processed == 5
     assert_same_outputs(store, reference[0])
@@ -278,13 +304,12 @@ def test_two_ray_actors_over_halves_equal_one_worker_over_all(tmp_path, referenc
 def test_default_model_records_equal_a_fresh_forward(tmp_path, default_model, compiled, monkeypatch, caplog):
     """Eager, and compiled as real-sized runs are, computing each batch of 4 in slices of 3 and 1 windows
     (`slice_rows`; a whole corpus run on a CPU slices its batches the same way)."""
-    import workers.extract.worker as ex
     cfg = SweepConfig.from_dict({"corpus": {"seq_len": 16, "max_windows": 12}, "layers": "0,29",
                                  "model": {"batch_size": 4}, "output": str(tmp_path)})
     store = RunStore.open(str(tmp_path), create=True)
     if compiled:
         item = next(default_model.model.parameters()).element_size()
-        monkeypatch.setattr(ex, "CPU_SLICE_BYTES", 3 * 16 * 1536 * item)
+        monkeypatch.setattr(capture, "CPU_SLICE_BYTES", 3 * 16 * 1536 * item)
     # batches of 4, like the check below
     run_extraction(cfg, store, use_ray=False, chunk_windows=4, compile=compiled)
     assert "running them eagerly" not in caplog.text
@@ -302,6 +327,7 @@ def test_default_model_records_equal_a_fresh_forward(tmp_path, default_model, co
         h.remove()
     full = {layer: np.concatenate(acts[("all", layer)]) for layer in (0, 29)}
     rec = store.read_table("records")
-    assert set(rec["layer"].to_pylist()) == {0, 29} and rec.num_rows == 2 * 1536 * (12 + 12)  # 12 windows: fewer than top_k and n_random
+    # 12 windows: fewer than top_k, bottom_k (a gated MLP: as many as top_k) and n_random
+    assert set(rec["layer"].to_pylist()) == {0, 29} and rec.num_rows == 2 * 1536 * (12 + 12 + 12)
     for r in rec.to_pylist()[::97]:
         assert r["activations"] == full[r["layer"]][r["seq_id"], :, r["neuron"]].tolist()  # bf16, bit for bit

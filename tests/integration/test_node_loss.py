@@ -6,6 +6,7 @@ the whole suite with it. The head node has no CPUs, so every shard actor lives o
 and the scenario kills the worker holding the most of them (with one worker, Ray could pack all actors onto
 the head and the kill would prove nothing)."""
 import json
+import os
 import subprocess
 import sys
 import threading
@@ -26,6 +27,7 @@ def scenario(out: str) -> dict:
     from orchestrator.pipeline import committed_summaries, run_sweep
     from orchestrator.store import RunStore
     from schemas.config import SweepConfig
+    from testing.instant import InstantRunnerFactory, prepare_synthetic_run
 
     cluster = Cluster(initialize_head=True, head_node_args={
         "num_cpus": 0, "object_store_memory": 100 * 1024**2, "_system_config": FAST_HEALTH_CHECK})
@@ -33,10 +35,11 @@ def scenario(out: str) -> dict:
     ray.init(address=cluster.address, log_to_driver=False)
     cluster.wait_for_nodes()
     try:
-        cfg = SweepConfig.from_dict({"model": {"name": "synthetic:2x64"}, "output": out, "shard_size": 8,
-                                     "metrics_port": 0, "max_inflight_shards": 2})
+        cfg = SweepConfig.from_dict({"output": out, "shard_size": 8, "metrics_port": 0, "max_inflight_shards": 2})
+        prepare_synthetic_run(cfg, 2, 64)
+        factory = InstantRunnerFactory(delay_s=0.1)
         result = []
-        t = threading.Thread(target=lambda: result.append(run_sweep(cfg, {}, mode="instant:0.1", n_actors=4)),
+        t = threading.Thread(target=lambda: result.append(run_sweep(cfg, {}, runner_factory=factory, n_actors=4)),
                              daemon=True)
         t.start()
         store = RunStore.open(cfg.output)
@@ -63,8 +66,11 @@ def test_sweep_survives_the_loss_of_a_worker_node(tmp_path):
     from orchestrator.store import RunStore
 
     out = tmp_path / "run"
+    root = str(Path(__file__).resolve().parents[2])
+    # the script's own folder heads its sys.path; the test doubles in `testing/` (not installed) need the root
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, (root, os.environ.get("PYTHONPATH"))))}
     r = subprocess.run([sys.executable, __file__, str(out)], capture_output=True, text=True, timeout=400,
-                       cwd=Path(__file__).resolve().parents[2])
+                       cwd=root, env=env)
     assert r.returncode == 0, r.stderr[-3000:]
     facts = json.loads(r.stdout.strip().splitlines()[-1])
     assert facts["actors_on_killed_node"] >= 1, "no actor was on the killed node; the test would prove nothing"

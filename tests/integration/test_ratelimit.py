@@ -6,8 +6,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from workers.llm.ratelimit import (AsyncLimiter, LimiterClient, RateLimiter, estimate_tokens, lease_size,
-                               limiter_name)
+from workers.llm.ratelimit import LimiterClient, RateLimiter, estimate_tokens, lease_size, limiter_name
 
 
 class Clock:
@@ -157,17 +156,8 @@ def test_estimate_is_conservative_for_english():
 
 
 # --- Ray: several actors share one named limiter -----------------------------------------------------------------
-@pytest.fixture(scope="module")
-def ray_cluster():
-    import ray
-
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
-    yield ray
-    ray.shutdown()
-
-
-def test_actors_share_the_named_limiter(ray_cluster):
-    ray = ray_cluster
+def test_actors_share_the_named_limiter(ray_local):
+    ray = ray_local
 
     @ray.remote(num_cpus=0)
     class Caller:

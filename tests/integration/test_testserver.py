@@ -11,32 +11,70 @@ def post(server, path, body):
     return httpx.post(server.base_url + path, json=body, timeout=10)
 
 
-def test_requests_per_minute_enforced_with_retry_after():
+class StoppedClock:
+    """Stands in for the `time` module inside testing.testserver: its monotonic clock, which the rate buckets
+    read, moves only when the test advances it, so no refill happens between two requests however slow this
+    machine is, and every wait the server announces is exact."""
+
+    def __init__(self):
+        self.now = 1000.0
+
+    def monotonic(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+
+    def __getattr__(self, name):  # time.time(), time.sleep(), ...: the real ones
+        return getattr(time, name)
+
+
+@pytest.fixture
+def clock(monkeypatch):
+    import testing.testserver
+
+    stopped = StoppedClock()
+    monkeypatch.setattr(testing.testserver, "time", stopped)
+    return stopped
+
+
+def test_requests_per_minute_enforced_with_retry_after(clock):
     with TestServer(limits=Limits(requests_per_minute=120, burst_s=1.0)) as s:  # 2/s, bucket of 2
         body = {"model": "m", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 1}
         codes = [post(s, "/chat/completions", body).status_code for _ in range(3)]
         assert codes == [200, 200, 429]
         r = post(s, "/chat/completions", body)
-        assert r.status_code == 429 and r.headers["retry-after"] == "1"
-        assert 0 < int(r.headers["retry-after-ms"]) <= 500
-        time.sleep(int(r.headers["retry-after-ms"]) / 1000 + 0.05)
+        # the empty bucket gets its next request in 1 / (2/s) = 0.5 s; Retry-After rounds up to whole seconds
+        assert r.status_code == 429
+        assert (r.headers["retry-after"], r.headers["retry-after-ms"]) == ("1", "500")
+        clock.advance(0.499)
+        assert post(s, "/chat/completions", body).status_code == 429
+        clock.advance(0.001)
         assert post(s, "/chat/completions", body).status_code == 200
-        assert s.status_counts()[429] == 2
+        assert s.status_counts()[429] == 3
 
 
-def test_tokens_are_reserved_then_refunded():
-    with TestServer(limits=Limits(tokens_per_minute=600, burst_s=1.0)) as s:  # 10 tokens/s, bucket of 10
-        # "a b" = 2 prompt tokens + 3 message overhead; max_tokens 4 -> reserve 9, the answer uses 4 (refund 0)
+class FourTokens(Responder):
+    def chat(self, messages, max_tokens):
+        return " w x y z"
+
+
+def test_tokens_are_reserved_then_refunded(clock):
+    with TestServer(limits=Limits(tokens_per_minute=600, burst_s=1.0), responder=FourTokens()) as s:
+        # 10 tokens/s, bucket of 10. "a b" = 2 prompt tokens + 3 message overhead; max_tokens 4 -> reserve 9,
+        # the answer uses all 4 (refund 0)
         body = {"model": "m", "messages": [{"role": "user", "content": "a b"}], "max_tokens": 4}
         assert post(s, "/chat/completions", body).status_code == 200
-        assert post(s, "/chat/completions", body).status_code == 429  # 1 token left
-        time.sleep(1.0)  # the bucket is full again (10 tokens/s, at most 10)
-        # max_tokens 40 > bucket: admitted only on a full bucket, then 40 - 4 unused come back
+        r = post(s, "/chat/completions", body)  # 1 token left: the 8 missing come in 0.8 s
+        assert r.status_code == 429 and r.headers["retry-after-ms"] == "800"
+        clock.advance(1.0)  # the bucket is full again (10 tokens/s, at most 10)
+        # max_tokens 40 > bucket: admitted only on a full bucket (charge 45, level 10 - 45 = -35), then the
+        # 36 unused completion tokens come back: level 1, so the next 9 need 0.8 s again
         big = {**body, "max_tokens": 40}
-        assert post(s, "/chat/completions", big).status_code == 200
+        answer = post(s, "/chat/completions", big)
+        assert answer.status_code == 200 and answer.json()["usage"]["completion_tokens"] == 4
         r = post(s, "/chat/completions", body)
-        # net charge 9 leaves ~1 token: the next 9 come in ~0.8 s; without the refund of 36 it would be ~4.4 s
-        assert r.status_code == 429 and float(r.headers["retry-after-ms"]) < 1500
+        assert r.status_code == 429 and r.headers["retry-after-ms"] == "800"  # without the refund: 4400
 
 
 def test_echo_logprobs_have_offsets_and_a_null_first_position():

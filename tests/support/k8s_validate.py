@@ -11,8 +11,10 @@ from __future__ import annotations
 import copy
 import functools
 import os
+import re
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import jsonschema
 import yaml
@@ -48,7 +50,7 @@ def strictify(schema: Any) -> Any:
     return schema
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def crd_schemas(crd_dir: Path = CRD_DIR, strict: bool = True) -> dict[tuple[str, str], dict]:
     """{(apiVersion, kind): schema} for every served version of every CRD file in `crd_dir`."""
     files = sorted(Path(crd_dir).glob("*.yaml"))
@@ -158,3 +160,13 @@ def non_string_ray_start_params(doc: dict[str, Any]) -> list[str]:
     """'group.key' for each rayStartParams value that is not a string (KubeRay rejects them)."""
     return [f"{group}.{key}" for group, spec in ray_groups(doc)
             for key, value in (spec.get("rayStartParams") or {}).items() if not isinstance(value, str)]
+
+
+def parse_quantity(text: str | int) -> float:
+    """A Kubernetes resource quantity as a number: '8Gi' -> 8 * 2**30, '500m' -> 0.5, '1G' -> 1e9."""
+    m = re.fullmatch(r"(\d+(?:\.\d+)?)(Ki|Mi|Gi|Ti|k|M|G|T|m)?", str(text))
+    if not m:
+        raise ValueError(f"not a Kubernetes quantity: {text!r}")
+    factor = {None: 1, "m": 1e-3, "k": 1e3, "M": 1e6, "G": 1e9, "T": 1e12,
+              "Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40}[m.group(2)]
+    return float(m.group(1)) * factor

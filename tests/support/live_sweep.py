@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 import time
@@ -17,13 +16,9 @@ from pathlib import Path
 import yaml
 
 from support.localnet import free_port, scrape
+from support.system_tools import prometheus_path
 from testing.stubs import RuleResponder
 from testing.testserver import TestServer, fixed_latency
-
-
-def prometheus_binary_path() -> str | None:
-    return os.environ.get("PROMETHEUS_BIN") or shutil.which("prometheus")
-
 
 SHIPPED_PROMETHEUS_CONFIG = Path(__file__).resolve().parents[2] / "cluster" / "prometheus.yml"
 
@@ -47,7 +42,7 @@ def scrape_config_for(target_url: str, workdir: Path) -> dict:
 
 def start_prometheus(target_url: str, workdir: Path) -> tuple[subprocess.Popen | None, str | None]:
     """Debian's prometheus on loopback scraping `target_url` with the shipped config; (None, None) if absent."""
-    binary = prometheus_binary_path()
+    binary = prometheus_path()
     if binary is None:
         return None, None
     config_file = workdir / "prometheus.yml"
@@ -126,7 +121,11 @@ def start_live_sweep(workdir) -> tuple[LiveSweep, TestServer]:
                              "--metrics-linger", "900"], env={**os.environ, "NS_LIVE_KEY": "sk-live"},
                             stdout=open(log, "w"), stderr=subprocess.STDOUT, start_new_session=True)
     live = LiveSweep(f"http://127.0.0.1:{port}/metrics", proc, log, prometheus, prometheus_url, workdir)
-    live.wait_started()
+    try:
+        live.wait_started()
+    except BaseException:  # a sweep that never came up must not leave Prometheus and the driver running
+        stop_live_sweep(live, server)
+        raise
     return live, server
 
 

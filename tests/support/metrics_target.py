@@ -3,7 +3,7 @@ sweep (the `live_sweep` fixture in conftest.py), once all its shards are committ
 compare stay put while they read them."""
 from __future__ import annotations
 
-from typing import Iterator
+from collections.abc import Iterator
 
 import pytest
 

@@ -22,7 +22,7 @@ from orchestrator.store import RunStore
 from schemas.config import SweepConfig
 from schemas.tables import to_table
 from workers.method.records import ActivationRecord
-from workers.method.scorers import correlation_columns
+from workers.method.scorers.correlation import correlation_columns
 from workers.method.scoring import split_records
 
 WORDS = ["the", " cat", " sat", " on", " mat", " and", " dog", " ran", " in", " park", ",", " code", " def",
@@ -128,6 +128,7 @@ def _sweep_shard(store, facts, shard, records, tokens, n_per_split, best_of, rng
             ledger.append({"layer": shard.layer, "neuron": n, "status": "failed", "attempts": 3,
                            "error": "RateLimitError: 429 too many requests" if shard.layer % 2 else
                            "MalformedAnswerError: simulator output could not be aligned",
+                           "reason": "rate_limited" if shard.layer % 2 else "malformed",
                            "updated_at": now, "shard_id": shard.shard_id, "prompt_tokens": 900,
                            "completion_tokens": 0, "cost_usd": 900 * PRICE_PER_TOKEN, "elapsed_s": 3.0})
             continue
@@ -167,7 +168,8 @@ def _sweep_shard(store, facts, shard, records, tokens, n_per_split, best_of, rng
     if scores:
         store.write_table("scores", to_table("scores", scores), name, shard.layer)
     store.write_table("ledger", to_table("ledger", ledger), name, shard.layer)
-    store.write_json(f"_markers/{shard.shard_id}.json", {"shard_id": shard.shard_id, "n": len(shard.neurons)})
+    store.write_json(f"_markers/{shard.shard_id}.json", {"shard_id": shard.shard_id, "layer": shard.layer,
+                                                         "n": len(shard.neurons)})  # a marker without a file list
 
 
 def _neuron_records(records: pa.Table, layer: int, neuron: int, tokens) -> list[ActivationRecord]:

@@ -13,8 +13,8 @@ import ray
 import yaml
 from ray.autoscaler._private.util import prepare_config, validate_config
 
-from support.k8s_validate import REPO_ROOT
 from schemas.config import SweepConfig
+from support.k8s_validate import REPO_ROOT
 
 LAUNCHER_FILES = sorted((REPO_ROOT / "cluster").glob("ray-*.yaml"))
 

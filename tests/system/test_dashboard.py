@@ -5,13 +5,20 @@ import json
 import urllib.request
 
 import pytest
-from hypothesis import given, strategies as st
+from hypothesis import given
+from hypothesis import strategies as st
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 from support.k8s_validate import REPO_ROOT
 from support.metrics_target import metrics_target_url  # noqa: F401  (fixture)
-from support.promql_check import (PROJECT_METRICS, dashboard_exprs, families_from_exposition, metric_names_in,
-                          series_names, unknown_metrics)
+from support.promql_check import (
+    PROJECT_METRICS,
+    dashboard_exprs,
+    families_from_exposition,
+    metric_names_in,
+    series_names,
+    unknown_metrics,
+)
 
 DASHBOARD_PATH = REPO_ROOT / "cluster" / "grafana" / "neuronsweep-dashboard.json"
 

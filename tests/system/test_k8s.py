@@ -8,9 +8,16 @@ import pytest
 import ray
 import yaml
 
-from support.k8s_validate import (REPO_ROOT, load_yaml_documents, non_string_ray_start_params, ray_cluster_spec,
-                          ray_groups, validate_manifest)
 from schemas.config import SweepConfig
+from support.k8s_validate import (
+    REPO_ROOT,
+    load_yaml_documents,
+    non_string_ray_start_params,
+    parse_quantity,
+    ray_cluster_spec,
+    ray_groups,
+    validate_manifest,
+)
 
 K8S = REPO_ROOT / "k8s"
 MANIFEST_FILES = sorted(K8S.glob("*.yaml"))
@@ -33,16 +40,6 @@ def rayjob() -> dict:
 @pytest.fixture(scope="module")
 def sweep_config() -> SweepConfig:
     return SweepConfig.from_dict(yaml.safe_load(_one("rayjob.yaml", "ConfigMap")["data"]["sweep.yaml"]))
-
-
-def parse_quantity(text: str | int) -> float:
-    """A Kubernetes resource quantity as a number: '8Gi' -> 8 * 2**30, '500m' -> 0.5, '1G' -> 1e9."""
-    m = re.fullmatch(r"(\d+(?:\.\d+)?)(Ki|Mi|Gi|Ti|k|M|G|T|m)?", str(text))
-    if not m:
-        raise ValueError(f"not a quantity: {text!r}")
-    factor = {None: 1, "m": 1e-3, "k": 1e3, "M": 1e6, "G": 1e9, "T": 1e12,
-              "Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40}[m.group(2)]
-    return float(m.group(1)) * factor
 
 
 def _containers(group_spec: dict) -> list[dict]:
@@ -137,12 +134,6 @@ def test_cluster_shape(rayjob):
     assert set(groups) == {"head", "gpu-extract", "cpu-api"}
 
 
-@pytest.mark.parametrize("text,expected", [("8Gi", 8 * 2**30), ("512Mi", 512 * 2**20), ("1G", 1e9),
-                                           ("500m", 0.5), ("4", 4.0), ("1.5Gi", 1.5 * 2**30)])
-def test_parse_quantity(text, expected):
-    assert parse_quantity(text) == expected
-
-
 def test_object_store_fits_in_the_memory_limit(rayjob):
     """KubeRay sizes /dev/shm (the object store) to the memory limit; the store must leave room for the heap."""
     for name, group in ray_groups(rayjob):
@@ -172,6 +163,12 @@ def test_driver_metrics_port_matches_the_config(rayjob, sweep_config):
     ports = {p["name"]: p["containerPort"] for p in head["ports"]}
     assert ports["driver-metrics"] == sweep_config.metrics_port
     assert ports["metrics"] == int(dict(ray_groups(rayjob))["head"]["rayStartParams"]["metrics-export-port"])
+
+
+def test_driver_metrics_bind_all_interfaces_in_the_pod(sweep_config):
+    """Prometheus scrapes the pod's IP; the default bind, 127.0.0.1, would answer only inside the pod."""
+    assert SweepConfig().metrics_host == "127.0.0.1"
+    assert sweep_config.metrics_host == "0.0.0.0"
 
 
 def test_raycluster_is_the_rayjob_cluster(rayjob):

@@ -1,40 +1,35 @@
 """A real Prometheus server (Debian's `prometheus` package) scrapes the project's metrics with the shipped
 cluster/prometheus.yml, and its HTTP API returns the progress series and evaluates every dashboard query.
 
-CI installs the server (`scripts/system-deps.sh`); outside CI the test is skipped when the binary is absent.
+`make test` and CI install the server (`scripts/system-deps.sh`) and fail when it is missing; a plain `pytest`
+skips these tests then (see tests/support/system_tools.py).
 """
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import time
 import urllib.error
 import urllib.parse
 import urllib.request
-from pathlib import Path
-from typing import Any, Callable, Iterator
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import pytest
 
 from support.k8s_validate import REPO_ROOT
-from support.live_sweep import SHIPPED_PROMETHEUS_CONFIG, prometheus_binary_path
+from support.live_sweep import SHIPPED_PROMETHEUS_CONFIG
 from support.localnet import scrape
 from support.metrics_target import metrics_target_url  # noqa: F401  (fixture)
 from support.promql_check import dashboard_exprs
+from support.system_tools import require_tool
 
 DASHBOARD = REPO_ROOT / "cluster" / "grafana" / "neuronsweep-dashboard.json"
-INSTALL = "apt-get update && apt-get install -y --no-install-recommends prometheus"
 
 
 @pytest.fixture(scope="module")
 def prometheus_binary() -> str:
-    path = prometheus_binary_path()
-    if path is None:
-        if os.environ.get("CI") == "true":
-            pytest.fail(f"the prometheus binary is missing in CI; install it with: {INSTALL}")
-        pytest.skip(f"prometheus is not installed ({INSTALL})")
-    return path
+    return require_tool("prometheus")
 
 
 @pytest.fixture(scope="module")
@@ -111,7 +106,7 @@ def test_every_dashboard_query_is_valid_promql_and_progress_evaluates(prometheus
     dashboard = json.loads(DASHBOARD.read_text())
     exprs = [(title, expr.replace("$__rate_interval", "1m")) for title, expr in dashboard_exprs(dashboard)]
     assert len(exprs) >= 9
-    for title, expr in exprs:
+    for _, expr in exprs:
         query(prometheus_url, expr)                      # raises with Prometheus's parse error
     samples = scrape(metrics_target_url)
     finished = sum(v for (name, _), v in samples.items() if name == "neuronsweep_neurons_total")
@@ -122,9 +117,8 @@ def test_every_dashboard_query_is_valid_promql_and_progress_evaluates(prometheus
     assert float(result[0]["value"][1]) == pytest.approx(finished / planned)
 
 
-def test_promtool_accepts_the_shipped_config(prometheus_binary):
-    promtool = Path(prometheus_binary).with_name("promtool")
-    if not promtool.exists():
-        pytest.skip("promtool is not beside the prometheus binary")
-    result = subprocess.run([str(promtool), "check", "config", str(SHIPPED_PROMETHEUS_CONFIG)], capture_output=True, text=True)
+def test_promtool_accepts_the_shipped_config():
+    promtool = require_tool("promtool")
+    result = subprocess.run([promtool, "check", "config", str(SHIPPED_PROMETHEUS_CONFIG)], capture_output=True,
+                            text=True)
     assert result.returncode == 0, result.stdout + result.stderr

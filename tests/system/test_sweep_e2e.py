@@ -5,21 +5,21 @@ import random
 import signal
 import sqlite3
 import subprocess
-import sys
 import time
 from collections import Counter
 from pathlib import Path
 
 import pytest
-import ray
 import yaml
 
 from orchestrator.pipeline import committed_summaries, run_sweep
 from orchestrator.plan import build_plan, model_shape
 from orchestrator.store import RunStore
 from schemas.config import SweepConfig
+from support.cli import CLI, run_cli
+from support.gate import RequestGate
 from testing.stubs import RuleResponder
-from testing.testserver import TestServer, fixed_latency
+from testing.testserver import TestServer
 
 KEY_VAR, KEY = "NS_TEST_API_KEY", "sk-test-do-not-leak-4f9a1c"
 ENV = {KEY_VAR: KEY}
@@ -39,17 +39,20 @@ def config(out, server, **kw) -> dict:
     return cfg
 
 
+@pytest.fixture(scope="module", autouse=True)
+def key_in_the_workers_environment():
+    """The actors read API keys from their own environment, never from their arguments: the key must be in this
+    process's environment before the module's local Ray starts (its workers inherit it), as a cluster's nodes
+    hold it (a Kubernetes secretKeyRef)."""
+    with pytest.MonkeyPatch.context() as m:
+        m.setenv(KEY_VAR, KEY)
+        yield
+
+
 @pytest.fixture
 def server():
     with TestServer(responder=RuleResponder()) as s:
         yield s
-
-
-@pytest.fixture(scope="module")
-def ray_local():
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    yield
-    ray.shutdown()
 
 
 def table_rows(store, table, cols):
@@ -58,15 +61,20 @@ def table_rows(store, table, cols):
 
 
 def assert_complete(store, planned=24):
-    for table in ("ledger", "explanations", "scores"):
-        rows = table_rows(store, table, ["layer", "neuron"] + (["scorer"] if table == "scores" else []))
+    # a neuron's ledger has a row per attempt (a --retry-failed keeps the failed one: it was paid for)
+    for table, extra in (("ledger", ["attempts"]), ("explanations", []), ("scores", ["scorer"])):
+        rows = table_rows(store, table, ["layer", "neuron"] + extra)
         assert len(rows) == len(set(rows)), f"duplicate rows in {table}"
-    ledger = table_rows(store, "ledger", ["layer", "neuron", "status"])
+    latest = {}
+    for layer, n, attempts, status in table_rows(store, "ledger", ["layer", "neuron", "attempts", "status"]):
+        latest[(layer, n)] = (layer, n, status)  # sorted by attempts: the last one stays
+    ledger = sorted(latest.values())
     assert len(ledger) == planned
-    done = {(l, n) for l, n, s in ledger if s == "done"}
-    assert {(l, n) for l, n in table_rows(store, "explanations", ["layer", "neuron"])} == done
+    done = {(layer, n) for layer, n, s in ledger if s == "done"}
+    assert set(table_rows(store, "explanations", ["layer", "neuron"])) == done
     for scorer in ("correlation", "detection"):
-        assert {(l, n) for l, n, s in table_rows(store, "scores", ["layer", "neuron", "scorer"]) if s == scorer} == done
+        assert {(layer, n) for layer, n, s in table_rows(store, "scores", ["layer", "neuron", "scorer"])
+                if s == scorer} == done
 
 
 @pytest.mark.slow
@@ -87,6 +95,7 @@ def test_sweep_end_to_end_with_the_method(tmp_path, server, ray_local):
     assert len(set(store.read_table("calls").column("key").to_pylist())) == len(server.served)
     # the viewer and the report read a real sweep's output
     from fastapi.testclient import TestClient
+
     from orchestrator.results.viewer.app import create_app
     client = TestClient(create_app(cfg.output))
     assert client.get("/").status_code == 200
@@ -119,8 +128,9 @@ def test_provider_faults_are_recorded_and_retry_failed_finishes(tmp_path, server
     assert again.failed == 0 and again.done + again.skipped == 24
     assert_complete(store)
     retried = {(r["layer"], r["neuron"]) for r in failed}
-    assert all(r["attempts"] == 2 for r in store.read_table("ledger").to_pylist()
-               if (r["layer"], r["neuron"]) in retried)
+    attempts = sorted((r["layer"], r["neuron"], r["attempts"]) for r in store.read_table("ledger").to_pylist()
+                      if (r["layer"], r["neuron"]) in retried)
+    assert attempts == sorted((*key, a) for key in retried for a in (1, 2))  # the failed attempt's row stays
 
 
 def test_a_missing_api_key_fails_before_any_work(tmp_path, server):
@@ -139,23 +149,51 @@ def journal_size(run: Path) -> int:
         return c.execute("SELECT COUNT(*) FROM calls").fetchone()[0]
 
 
+KILL_SEED = 20240611  # picks the kill point; any seed gives a kill with work outstanding (see below)
+
+
 @pytest.mark.slow
 def test_kill_9_of_the_driver_then_resume(tmp_path):
-    """SIGKILL the driver at a random point, resume: the same tables as an uninterrupted run, no duplicate
-    rows, and no call the journal holds is paid for again (counted at the test server)."""
+    """SIGKILL the driver at a seeded point, resume: the same tables as an uninterrupted run, no duplicate rows,
+    and no call the journal holds is paid for again (counted at the test server).
+
+    The kill point is a number of answered requests, fewer than the distinct requests the sweep needs: the test
+    server answers that many and holds every later request unanswered, so when the driver is killed the sweep
+    is stuck with work outstanding, and Ray's actors, which outlive the driver for a moment, cannot finish it."""
     with TestServer(responder=RuleResponder()) as ref_server:
         ref = SweepConfig.from_dict(config(tmp_path / "ref", ref_server))
-        subprocess.run([sys.executable, "-m", "orchestrator.cli.app", "sweep", "-c", _write(tmp_path / "ref.yaml", ref)],
-                       env={**os.environ, **ENV}, check=True, capture_output=True, timeout=300)
+        run_cli("sweep", "-c", _write(tmp_path / "ref.yaml", ref), env=ENV, check=True)
+        needed = len(ref_server.served)  # distinct answered requests of a whole sweep
+    assert needed >= 8, needed
+    gate = RequestGate(open_for=random.Random(KILL_SEED).randint(needed // 4, needed // 2), latency_s=0.03)
 
-    # Ray's shard actors outlive the killed driver for a moment and may commit the shards they hold; when
-    # they commit all of them, there is nothing left to resume, and the scenario is tried again afresh.
-    for attempt in range(3):
-        run = tmp_path / f"run-{attempt}"
-        if _kill_then_resume(run, tmp_path / f"run-{attempt}.yaml"):
-            break
-    else:
-        pytest.fail("in 3 attempts the driver was never killed before the sweep was done")
+    run = tmp_path / "run"
+    with TestServer(responder=RuleResponder(), latency=gate) as server:
+        cfg = SweepConfig.from_dict(config(run, server))
+        p = subprocess.Popen([*CLI, "sweep", "-c", _write(tmp_path / "run.yaml", cfg)], env={**os.environ, **ENV},
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+        wait_until(lambda: gate.held > 0 or p.poll() is not None, timeout=240, what="the sweep reaching the gate")
+        assert p.poll() is None, f"the sweep exited ({p.returncode}) after {gate.passed} of {needed} requests"
+        os.kill(p.pid, signal.SIGKILL)  # the driver only; its in-process Ray is left to notice
+        p.wait()
+        # every request let through has its answer (or its caller died first); none later is answered
+        wait_until(lambda: sum(server.served.values()) == gate.passed, timeout=30, what="the passed requests")
+        store = RunStore.open(str(run))
+        committed_at_kill = len(committed_summaries(store))
+        assert committed_at_kill < len(build_plan(cfg, model_shape(cfg, store)).shards)
+        served_before = Counter(server.served)
+        journaled = journal_size(run)  # an actor journaling after this only makes the bound below looser
+        answered_at_kill = gate.passed
+
+        gate.open()
+        # the endpoint and key variable come from the user's config, never from run.json alone
+        r = run_cli("resume", str(run), "--config", str(tmp_path / "run.yaml"), env=ENV)
+        assert r.returncode == 0, r.stderr[-2000:]
+        repeated = sum(1 for k, n in server.served.items() if n > served_before.get(k, 0) and served_before.get(k))
+        in_flight_at_kill = sum(served_before.values()) - journaled
+        print(f"killed after {answered_at_kill} of {needed} requests, {committed_at_kill} shards committed: "
+              f"journaled={journaled} in_flight_at_kill={in_flight_at_kill} repeated={repeated}")
+        assert repeated <= max(0, in_flight_at_kill), (repeated, in_flight_at_kill)
 
     ref_store, store = RunStore.open(ref.output), RunStore.open(str(run))
     assert_complete(store)
@@ -165,42 +203,12 @@ def test_kill_9_of_the_driver_then_resume(tmp_path):
         assert table_rows(store, table, cols) == table_rows(ref_store, table, cols), table
 
 
-def _kill_then_resume(run: Path, cfg_path: Path) -> bool:
-    """Start a sweep, SIGKILL its driver after a random number of committed shards, resume it, and check that
-    no call the journal holds was paid for again. False when the kill came too late (every shard committed)."""
-    with TestServer(responder=RuleResponder(), latency=fixed_latency(0.03)) as server:
-        cfg = SweepConfig.from_dict(config(run, server))
-        cfg_file = _write(cfg_path, cfg)
-        stop_after = random.Random().randint(1, 4)
-        p = subprocess.Popen([sys.executable, "-m", "orchestrator.cli.app", "sweep", "-c", cfg_file],
-                             env={**os.environ, **ENV}, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                             start_new_session=True)
-        store = RunStore.open(str(run))
-        deadline = time.monotonic() + 240
-        while time.monotonic() < deadline and p.poll() is None:
-            if (run / "_markers").exists() and len(committed_summaries(store)) >= stop_after:
-                break
-            time.sleep(0.05)
-        if p.poll() is not None:  # finished before it could be killed
-            return False
-        os.kill(p.pid, signal.SIGKILL)  # the driver only; its in-process Ray is left to notice
-        p.wait()
-        committed_at_kill = len(committed_summaries(store))
-        if committed_at_kill == len(build_plan(cfg, model_shape(cfg, store)).shards):
-            return False
-        time.sleep(1.0)
-        served_before = Counter(server.served)
-        journaled = journal_size(run)
-        r = subprocess.run([sys.executable, "-m", "orchestrator.cli.app", "resume", str(run)],
-                           env={**os.environ, **ENV}, capture_output=True, text=True, timeout=300)
-        assert r.returncode == 0, r.stderr[-2000:]
-        repeated = sum(1 for k, n in server.served.items() if n > served_before.get(k, 0) and served_before.get(k))
-        in_flight_at_kill = sum(served_before.values()) - journaled
-        print(f"killed after {committed_at_kill} shards: journaled={journaled} in_flight_at_kill={in_flight_at_kill} "
-              f"repeated={repeated}")
-        assert repeated <= max(0, in_flight_at_kill), (repeated, in_flight_at_kill)
-
-    return True
+def wait_until(check, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not check():
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(0.05)
 
 
 def _write(path: Path, cfg: SweepConfig) -> str:
@@ -240,14 +248,12 @@ def test_main_job_on_the_embedded_default(tmp_path):
     demo["corpus"]["max_windows"] = 80
     f = tmp_path / "demo.yaml"
     f.write_text(yaml.safe_dump(demo))
-    r = subprocess.run([sys.executable, "-m", "orchestrator.cli.app", "sweep", "-c", str(f)], capture_output=True,
-                       text=True, timeout=600)
+    r = run_cli("sweep", "-c", str(f), timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     assert "1 done, 0 failed, 0 skipped of 1" in r.stdout
     store = RunStore.open(str(tmp_path / "demo"))
     (score,) = [s for s in store.read_table("scores").to_pylist() if s["scorer"] == "correlation"]
     assert score["simulator_mode"] == "prompt_logprob" and score["simulator_model"] == "smollm2-135m"
     assert store.read_table("explanations").column("explanation").to_pylist()[0].strip()
-    st = subprocess.run([sys.executable, "-m", "orchestrator.cli.app", "status", str(tmp_path / "demo")],
-                        capture_output=True, text=True, timeout=120)
+    st = run_cli("status", str(tmp_path / "demo"), timeout=120)
     assert st.returncode == 0 and "done" in st.stdout

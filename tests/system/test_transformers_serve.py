@@ -8,11 +8,12 @@ from pathlib import Path
 import httpx2 as httpx
 import pytest
 
-from support.localnet import free_port
 from schemas.config import Backend
+from support.localnet import free_port
+from testing.models import tiny_model
+from workers.llm.backends.base import TransientLLMError
 from workers.llm.backends.local import CHATML
 from workers.llm.backends.openai_compat import OpenAICompatBackend
-from workers.models.loading import tiny_model
 
 SERVE = Path(__file__).resolve().parents[2] / ".venv" / "bin" / "transformers"
 
@@ -45,13 +46,16 @@ def test_chat_through_transformers_serve(tmp_path):
         backend = OpenAICompatBackend(cfg, env={})
 
         async def run():
-            r = await backend.chat([{"role": "user", "content": "Describe the neuron."}], max_tokens=5)
-            await backend.aclose()
-            return r
+            try:
+                return await backend.chat([{"role": "user", "content": "Describe the neuron."}], max_tokens=5)
+            finally:
+                await backend.aclose()
 
-        response = asyncio.run(run())
-        assert isinstance(response.text, str) and response.text
-        assert response.usage.prompt_tokens > 0 and 0 < response.usage.completion_tokens <= 5
+        # the random tiny model does not stop within 5 tokens: the answer parses, and the server's
+        # finish_reason "length" makes it a truncated (malformed) answer, which is never accepted
+        with pytest.raises(TransientLLMError, match="cut at max_tokens=5") as e:
+            asyncio.run(run())
+        assert e.value.kind == "malformed"
     finally:
         proc.terminate()
         proc.wait(timeout=20)

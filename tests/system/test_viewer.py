@@ -16,8 +16,8 @@ from orchestrator.results.viewer import create_app
 from orchestrator.results.viewer.app import heat, score_histogram
 from support.localnet import free_port
 from support.runfactory import make_run
+from support.system_tools import require_tool
 
-CHROMIUM = shutil.which("chromium") or ("/usr/bin/chromium" if os.path.exists("/usr/bin/chromium") else None)
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
                  "--disable-component-update", "--disable-sync", "--no-first-run"]
 
@@ -75,6 +75,17 @@ def test_unknown_neuron_is_404_and_run_api_counts(client, facts):
     assert sum(run["histogram"]["counts"]) == len(facts.done - facts.undefined)
 
 
+@pytest.mark.parametrize("url", ["/neuron/99999999999999999999/0", "/api/neuron/99999999999999999999/0",
+                                 "/neuron/40000/0", "/neuron/0/99999999999", "/neuron/-1/0"])
+def test_a_layer_or_neuron_no_table_can_hold_is_404(client, url):
+    assert client.get(url).status_code == 404
+
+
+def test_a_layer_filter_no_table_can_hold_is_400(client):
+    assert client.get("/", params={"layer": "99999999999999999999"}).status_code == 400
+    assert client.get("/api/neurons", params={"layer": "40000"}).status_code == 400
+
+
 def test_heat_and_histogram_helpers():
     assert heat(2.0, 4.0) == "rgba(34, 139, 34, 0.500)"
     assert heat(-1.0, 4.0) == "transparent" and heat(1.0, 0.0) == "transparent"
@@ -101,14 +112,11 @@ def served(facts):
 
 @pytest.fixture(scope="module")
 def browser():
-    if CHROMIUM is None:
-        if os.environ.get("CI") == "true":
-            pytest.fail("chromium is not installed; CI must run the browser test (apt-get install chromium)")
-        pytest.skip("chromium is not installed (apt-get install chromium); the browser test needs it")
+    chromium = require_tool("chromium")
     from playwright.sync_api import sync_playwright
 
     with sync_playwright() as p:
-        b = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        b = p.chromium.launch(executable_path=chromium, args=CHROMIUM_ARGS)
         yield b
         b.close()
 

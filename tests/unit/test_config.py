@@ -1,7 +1,11 @@
 import pytest
+import yaml
 from hypothesis import given, strategies as st
 
+from orchestrator.cli.app import build_config
+from orchestrator.plan import build_plan
 from schemas.config import ConfigError, SweepConfig, expand_ranges, parse_ranges
+from workers.method import check_config
 
 
 def test_defaults_run_offline():
@@ -31,7 +35,6 @@ def test_yaml_file_and_overrides(tmp_path):
     ({"records": {"n_random": 5}}, "records.n_random=5 must be 0 or at least 3 x"),
     ({"layers": "3-1"}, "layers: range '3-1' runs backwards"),
     ({"neurons": "first ten"}, "neurons: 'first ten' is not 'all'"),
-    ({"scorers": ["vibes"]}, "scorers: 'vibes' is not allowed"),
     ({"scorers": []}, "scorers: at least one scorer"),
     ({"simulator": {"base_url": "localhost:8000"}}, "simulator.base_url: must start with http"),
     ({"metrics_port": 70000}, "metrics_port"),
@@ -73,3 +76,29 @@ def test_ranges_expand_to_the_union(pairs):
     want = sorted({i for lo, d in pairs for i in range(lo, lo + d + 1)})
     assert expand_ranges(spec, 100, "layers", "layer") == want
     assert parse_ranges("all") is None
+
+
+@pytest.mark.parametrize("data, message", [
+    ({"scorers": ["correlation", "vibes"]},
+     "scorers: 'vibes' is not a scorer (allowed: correlation, detection, fuzzing, embedding)"),
+    ({"simulator": {"mode": "psychic"}},
+     "simulator.mode: 'psychic' is not a simulator mode "
+     "(allowed: auto, prompt_logprob, generated_logprob, logprob_free)"),
+])
+def test_method_names_are_checked_against_the_registries_before_any_work(tmp_path, data, message):
+    cfg = SweepConfig.from_dict(data)  # schemas/ does not import the registries: the workers' check does
+    f = tmp_path / "sweep.yaml"
+    f.write_text(yaml.safe_dump(data))
+    shape = {"n_layers": 2, "n_neurons": 64, "max_positions": 256}
+    for where in (lambda: check_config(cfg), lambda: build_plan(cfg, shape), lambda: build_config(f)):
+        with pytest.raises(ConfigError) as e:
+            where()
+        assert str(e.value) == message
+
+
+def test_registered_names_pass_and_repeats_collapse():
+    cfg = SweepConfig.from_dict({"scorers": ["detection", "correlation", "detection"],
+                                 "simulator": {"mode": "logprob_free"}})
+    check_config(cfg)
+    assert cfg.scorers == ["detection", "correlation"]
+    check_config(SweepConfig())

@@ -1,13 +1,14 @@
-"""The explainer (SPEC.md §4): prompt from the train records, cleanup, retries, best-of-k."""
+"""The explainer (docs/method.md §4): prompt from the train records, cleanup, retries, best-of-k."""
 import asyncio
 
 import pytest
 
 from schemas.config import Explainer as ExplainerConfig
-from workers.llm.backends.base import Capabilities, ChatResponse, PermanentLLMError, Usage
-from workers.method.explainer import NeuronExplainer, explainer_prompt
-from workers.method.records import ActivationRecord
+from schemas.failures import FailureReason
 from testing.stubs import ScriptedBackend
+from workers.llm.backends.base import Capabilities, ChatResponse, PermanentLLMError, Usage
+from workers.method.explainer import Candidate, ExplanationFailed, NeuronExplainer, explainer_prompt
+from workers.method.records import ActivationRecord
 
 TRAIN = [ActivationRecord(1, ["a", " b"], [1.0, 2.0]), ActivationRecord(2, ["\n", "c"], [4.0, -1.0])]
 
@@ -34,9 +35,16 @@ def test_one_explanation_at_temperature_zero_cleaned():
 def test_unusable_answers_are_retried_then_recorded_as_failed():
     backend = ScriptedBackend(["", "The main thing this neuron does is find.", "..."])
     explainer, [cand] = _explain(backend)
-    assert cand.text is None and "after 3 attempts" in cand.error
+    assert cand.text is None and "after 3 attempts" in cand.error and cand.reason == FailureReason.MALFORMED
     assert [(r["temperature"], r["seed"]) for r in backend.requests] == [(0.0, None), (0.7, 2), (0.7, 3)]
     assert explainer.usage == Usage(30, 15)  # failed calls are paid for and counted
+
+
+def test_an_echoed_worked_example_or_bare_chatter_is_retried_as_malformed():
+    backend = ScriptedBackend(["The main thing this neuron does is find words that signal doubt or uncertainty "
+                               "about a statement.", "Sure! Here's my answer:", "Sure! Here's my answer:\ncommas"])
+    _, [cand] = _explain(backend)
+    assert (cand.text, cand.attempts) == ("commas", 3)
 
 
 def test_a_retry_can_succeed():
@@ -73,5 +81,15 @@ def test_best_of_k_samples_k_distinct_candidates_at_temperature_one():
 
 
 def test_backend_errors_propagate_to_the_caller():
-    with pytest.raises(PermanentLLMError):
+    with pytest.raises(PermanentLLMError, match="401 unauthorized"):
         _explain(ScriptedBackend([PermanentLLMError("401 unauthorized", status=401)]))
+
+
+def test_explanation_failed_names_every_candidate_and_carries_their_reason():
+    failed = [Candidate(0, None, "no answer within 60s", FailureReason.TIMEOUT),
+              Candidate(2, None, "answer stops early (after 3 attempts)", FailureReason.MALFORMED)]
+    err = ExplanationFailed.from_candidates(failed)
+    assert str(err) == ("no usable explanation: candidate 0: no answer within 60s; "
+                        "candidate 2: answer stops early (after 3 attempts)")
+    assert err.reason == FailureReason.TIMEOUT and not err.retryable  # the first candidate's
+    assert ExplanationFailed.from_candidates([Candidate(0, None, "?")]).reason == FailureReason.MALFORMED

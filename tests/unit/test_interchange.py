@@ -10,12 +10,14 @@ import pytest
 
 import orchestrator.cli.view  # noqa: F401  (registers the commands on the CLI app)
 from orchestrator.cli.app import main
-from orchestrator.results.interchange import export_bundle, export_openai, import_openai, valid_kinds
 from orchestrator.plan import model_shape
+from orchestrator.results.interchange.bundle import export_bundle
+from orchestrator.results.interchange.openai_export import export_openai
+from orchestrator.results.interchange.openai_import import import_openai, valid_kinds
 from orchestrator.results.reader import RunReader
 from orchestrator.store import RunStore
-from support.runfactory import make_run
 from schemas.config import SweepConfig
+from support.runfactory import make_run
 
 # the fields of OpenAI's dataclasses (neuron_explainer/activations/activations.py, explanations/explanations.py)
 NEURON_RECORD = {"dataclass_name", "neuron_id", "random_sample", "random_sample_by_quantile", "quantile_boundaries",
@@ -116,7 +118,7 @@ def test_import_a_published_style_file_with_nan_stats_and_no_class_names(tmp_pat
         + json.dumps(top) + ', "random_sample": ' + json.dumps(rnd)
         + ', "random_sample_by_quantile": [[' + json.dumps(top[0]) + "]], \"mean\": 0.25, \"variance\": NaN, "
         '"skewness": NaN, "kurtosis": NaN}')
-    valid = [top[2], top[6], rnd[1], rnd[4]]  # SPEC §2 / OpenAI dealing with n = 2
+    valid = [top[2], top[6], rnd[1], rnd[4]]  # docs/method.md §2 / OpenAI dealing with n = 2
     sims = [[9.0, 1.0], [8.0, 0.0], [0.0, 1.0], [1.0, 2.0]]
     seqs = [{"simulation": {"tokens": r["tokens"], "expected_activations": s}, "true_activations": r["activations"],
              "ev_correlation_score": 1.0} for r, s in zip(valid, sims)]

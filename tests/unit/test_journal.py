@@ -7,8 +7,6 @@ import subprocess
 import sys
 import time
 
-import pyarrow as pa
-
 from schemas.tables import CALLS, to_table
 from workers.llm.backends.base import ChatResponse, PromptLogprobsResponse, TokenAlternatives, Usage
 from workers.llm.journal import CallJournal, request_key
@@ -30,11 +28,14 @@ def test_round_trip_marks_answers_cached(tmp_path):
 
 
 def test_key_depends_on_provider_model_and_request_not_on_dict_order():
-    a = request_key("openai", "m", {"op": "chat", "messages": [{"role": "user", "content": "x"}], "seed": 1})
-    b = request_key("openai", "m", {"seed": 1, "messages": [{"content": "x", "role": "user"}], "op": "chat"})
+    e = {"endpoint": "http://127.0.0.1:8000/v1"}
+    a = request_key("openai", "m", {"op": "chat", "messages": [{"role": "user", "content": "x"}], "seed": 1}, **e)
+    b = request_key("openai", "m", {"seed": 1, "messages": [{"content": "x", "role": "user"}], "op": "chat"}, **e)
     assert a == b and len(a) == 64
-    assert a != request_key("openai", "m2", {"op": "chat", "messages": [{"role": "user", "content": "x"}], "seed": 1})
-    assert a != request_key("openai", "m", {"op": "chat", "messages": [{"role": "user", "content": "x"}], "seed": 2})
+    assert a != request_key("openai", "m2", {"op": "chat", "messages": [{"role": "user", "content": "x"}], "seed": 1},
+                            **e)
+    assert a != request_key("openai", "m", {"op": "chat", "messages": [{"role": "user", "content": "x"}], "seed": 2},
+                            **e)
 
 
 def _writer(path, worker, n):

@@ -1,8 +1,18 @@
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 
-from workers.models.loading import (ARCHITECTURES, MLP_SHAPES, ModelLoadError, architecture_of, down_proj_modules,
-                            load_model, mlp_split, model_info, tiny_model, wrap)
+from testing.models import tiny_model
+from workers.models import loading, registry
+from workers.models.loading import (MODEL_SOURCES_ENV, ModelLoadError, load_model, load_subject, load_tokenizer,
+                                    model_info, model_source, register_model_source, wrap)
+from workers.models.registry import architecture_of, down_proj_modules, mlp_split
+
+ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.mark.parametrize("kind", ["gpt2", "llama"])
@@ -14,7 +24,7 @@ def test_tiny_models_report_their_shape(kind):
 
 @pytest.mark.parametrize("kind", ["gpt2", "llama"])
 def test_down_proj_pre_hook_sees_the_neuron_activations(kind):
-    """The pre-hook input of the down projection is the MLP hidden activation (SPEC §1), recomputed here by hand."""
+    """The pre-hook input of the down projection is the MLP hidden activation (docs/method.md §1), recomputed here by hand."""
     m = tiny_model(kind)
     seen = {}
     layer = 1
@@ -37,7 +47,7 @@ def test_down_proj_pre_hook_sees_the_neuron_activations(kind):
 
 def test_registry_covers_the_required_families():
     for family in ["gpt2", "llama", "mistral", "qwen2", "gpt_neox", "opt", "gemma", "gptj"]:
-        assert family in ARCHITECTURES
+        assert family in registry.FAMILIES
 
 
 _GQA = dict(hidden_size=16, intermediate_size=24, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
@@ -83,7 +93,7 @@ def test_the_mlp_split_computes_what_the_block_does(family, cfg_kw):
     model = family_model(family, cfg_kw)
     for layer, proj in enumerate(down_proj_modules(model)):
         split = mlp_split(model, layer)
-        if family not in MLP_SHAPES:
+        if registry.FAMILIES[family].mlp is None:
             assert split is None  # read through the pre-hook instead
             continue
         x = torch.randn(2, 3, model.config.hidden_size)
@@ -120,3 +130,76 @@ def test_default_model_is_smollm2_30_by_1536(default_model):
     with torch.no_grad():
         logits = default_model.model(ids).logits[0, -1]
     assert tok.decode(int(logits.argmax())).strip() == "Paris"  # the weights are real, not random
+
+
+# --- model sources ----------------------------------------------------------------------------------------------
+@pytest.fixture
+def sources(monkeypatch):
+    """The registered sources, restored after the test (registration is process-wide)."""
+    monkeypatch.setattr(loading, "_SOURCES", dict(loading._SOURCES))
+    return loading._SOURCES
+
+
+def test_a_registered_source_serves_its_names_and_the_longest_prefix_wins(sources):
+    def build(kind):
+        return lambda name: tiny_model(kind)
+
+    register_model_source("toy-", build("gpt2"))
+    register_model_source("toy-llama", build("llama"))
+    assert load_subject("toy-anything").info.architecture == "gpt2"
+    assert load_subject("toy-llama-2").info.architecture == "llama"
+    assert model_info("toy-llama").n_neurons == 64
+    assert load_tokenizer("toy-x").eos_token == "<|endoftext|>"
+    assert model_source("other-model") is None
+    with pytest.raises(ValueError, match="prefix must not be empty"):
+        register_model_source("", build("gpt2"))
+
+
+def test_tiny_names_are_served_once_testing_models_is_registered():
+    m = load_subject("tiny-llama", dtype="bfloat16", device="cpu")
+    assert m.info.name == "tiny-llama" and (m.info.n_layers, m.info.n_neurons, m.info.dtype) == (2, 64, "float32")
+    with pytest.raises(ModelLoadError, match="tiny model kind 'bert' is unknown"):
+        load_subject("tiny-bert")
+
+
+def _model_info_in_a_fresh_process(sources_env: str | None) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if k != MODEL_SOURCES_ENV} | {"HF_HUB_OFFLINE": "1"}
+    if sources_env is not None:
+        env[MODEL_SOURCES_ENV] = sources_env
+    code = "from workers.models.loading import model_info; print(model_info('tiny-gpt2').n_neurons)"
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, env=env,
+                          timeout=300)
+
+
+def test_a_fresh_process_finds_the_sources_named_in_the_environment():
+    """What a CLI subprocess of a test sees: the variable alone makes `tiny-` names loadable, and without it
+    they are not (nothing in the product knows them)."""
+    with_it = _model_info_in_a_fresh_process("testing.models")
+    assert with_it.returncode == 0, with_it.stderr[-2000:]
+    assert with_it.stdout.strip() == "64"
+    without = _model_info_in_a_fresh_process(None)
+    assert without.returncode != 0 and "model.name: cannot load 'tiny-gpt2'" in without.stderr
+
+
+def test_an_unimportable_source_module_is_a_clear_error(sources, monkeypatch):
+    monkeypatch.setenv(MODEL_SOURCES_ENV, "testing.models, no_such_module_here")
+    with pytest.raises(ModelLoadError, match=f"{MODEL_SOURCES_ENV}: cannot import model source module "
+                                             "'no_such_module_here'"):
+        model_info("tiny-gpt2")
+
+
+def test_a_driver_joining_a_cluster_hands_its_model_sources_to_the_workers(monkeypatch):
+    """Workers of a remote cluster do not inherit the driver's environment; a local cluster's do."""
+    import ray
+
+    from orchestrator.pipeline import init_ray
+    from schemas.config import SweepConfig
+
+    calls = []
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray, "init", lambda **kw: calls.append(kw))
+    monkeypatch.setenv(MODEL_SOURCES_ENV, "testing.models")
+    assert init_ray(SweepConfig(ray_address="ray://head:10001"))
+    assert init_ray(SweepConfig())
+    assert calls[0]["runtime_env"] == {"env_vars": {MODEL_SOURCES_ENV: "testing.models"}}
+    assert "runtime_env" not in calls[1]

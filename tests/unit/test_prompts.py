@@ -1,19 +1,34 @@
-"""Prompt snapshots, token escaping, explanation cleanup and the answer parsers (SPEC.md §4-§6)."""
+"""Prompt snapshots, token escaping, explanation cleanup and the answer parsers (docs/method.md §4-§6)."""
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from workers.method.prompts import (EXPLAINER_SYSTEM, LEAD_IN, PLACEHOLDER, SIMULATOR_EXAMPLES, SIMULATOR_PROMPT_PREFIX,
-                             MalformedAnswerError,
-                             clean_explanation, escape_token, explainer_messages, format_explainer_records,
-                             parse_binary_list, parse_simulator_answer, simulator_chat_messages,
-                             simulator_completion_prompt, unescape_token, window_text)
+from schemas.failures import FailureReason
+from workers.method.prompts import (
+    EXPLAINER_EXAMPLES,
+    EXPLAINER_SYSTEM,
+    LEAD_IN,
+    PLACEHOLDER,
+    SIMULATOR_EXAMPLES,
+    SIMULATOR_PROMPT_PREFIX,
+    MalformedAnswerError,
+    clean_explanation,
+    escape_token,
+    explainer_messages,
+    format_explainer_records,
+    parse_binary_list,
+    parse_simulator_answer,
+    simulator_chat_messages,
+    simulator_completion_prompt,
+    unescape_token,
+    window_text,
+)
 
 # --- escaping ----------------------------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("token,shown", [
-    ("\n", "⏎"), ("a\tb", "a⇥b"), ("\r\n", "␍⏎"), ("   ", "␣␣␣"), (" the", " the"), ("", ""), (" x ", " x "),
+    ("\n", "⏎"), ("a\tb", "a⇥b"), ("\r\n", "␍⏎"), ("   ", "␣␣␣"), (" the", " the"), ("", "␀"), (" x ", " x "),
 ])
 def test_escaping_keeps_one_token_on_one_line(token, shown):
     assert escape_token(token) == shown
@@ -66,15 +81,52 @@ def test_explainer_messages_snapshot():
     ('"the word the."', "the word the"),
     ("words ending a list...", "words ending a list..."),
     ("\n\nnumbers\nand a second line", "numbers"),
+    # chatter before the answer, on its own line or the same one
+    ("Sure! Here's my answer:\nyears written in words.", "years written in words"),
+    ("Sure! Here's my answer: years.", "years"),
+    ("Certainly. The main thing this neuron does is find commas.", "commas"),
+    ("I looked at the texts.\nThe main thing this neuron does is find closing parentheses.", "closing parentheses"),
+    ("Explanation: the colon: in dictionaries", "the colon: in dictionaries"),
+    ("Okay, so the answer is: dates", "dates"),
+    # quotes: around the whole, or one left over after the period
+    ('The main thing this neuron does is find "years".', "years"),
+    ('The main thing this neuron does is find years".', "years"),
+    ('"dates in a list', "dates in a list"),
+    ("“commas", "commas"),
+    ("“commas”.", "commas"),
+    ('the word "the".', 'the word "the"'),
+    ('"the" and "a"', '"the" and "a"'),
+    ("it's a word", "it's a word"),
+    ("yes/no questions", "yes/no questions"),
 ])
 def test_clean_explanation(answer, clean):
     assert clean_explanation(answer) == clean
 
 
+@pytest.mark.parametrize("answer,error", [
+    ("Sure!", "no explanation in the answer"),
+    ("Here's my answer:", "no explanation in the answer"),
+    ('the word "the', "unbalanced quotes"),
+    ("quotes “opened and never closed", "unbalanced quotes"),
+])
+def test_chatter_alone_or_an_open_quote_is_malformed(answer, error):
+    with pytest.raises(MalformedAnswerError, match=error):
+        clean_explanation(answer)
+
+
+@pytest.mark.parametrize("ex", EXPLAINER_EXAMPLES, ids=lambda ex: ex.explanation[:20])
+def test_an_answer_repeating_a_worked_example_is_malformed(ex):
+    with pytest.raises(MalformedAnswerError, match="repeats a worked example") as e:
+        clean_explanation(f"{LEAD_IN} {ex.explanation.upper()}.")
+    assert e.value.retryable
+    assert clean_explanation(f"{LEAD_IN} {ex.explanation} and more") == f"{ex.explanation} and more"
+
+
 @pytest.mark.parametrize("answer", ["", "   \n ", ".", "The main thing this neuron does is find.", "42"])
 def test_empty_or_unusable_explanations_are_errors_not_placeholders(answer):
-    with pytest.raises(MalformedAnswerError):
+    with pytest.raises(MalformedAnswerError, match="no explanation in the answer") as e:
         clean_explanation(answer)
+    assert e.value.reason == FailureReason.MALFORMED and e.value.retryable
 
 
 # --- simulator prompts --------------------------------------------------------------------------------------
@@ -136,7 +188,7 @@ def test_truncated_answer_fails_instead_of_scoring_zeros():
 
 
 def test_missing_last_value_fails():
-    with pytest.raises(MalformedAnswerError):
+    with pytest.raises(MalformedAnswerError, match=r"token 6 of 6: no value on line '\)'"):
         parse_simulator_answer("The\t0\n 19\t3\n87\t10\n⏎\t0\nx\t0\n)", TOKENS)
 
 
@@ -146,7 +198,7 @@ def test_misaligned_token_fails():
 
 
 def test_skipped_token_fails():
-    with pytest.raises(MalformedAnswerError):
+    with pytest.raises(MalformedAnswerError, match="misaligned at token 2 of 6: expected '19', got '87'"):
         parse_simulator_answer("The\t0\n87\t10\n⏎\t0\nx\t0\n)\t9", TOKENS)
 
 
@@ -167,7 +219,19 @@ def test_parse_binary_list():
     assert [("Answer: [1, 0,1 ,0]")[p.offset] for p in parsed] == ["1", "0", "1", "0"]
 
 
-@pytest.mark.parametrize("answer", ["[1, 0, 1]", "1 0 1 0", "[1, 2, 0, 0]", ""])
-def test_parse_binary_list_rejects_wrong_answers(answer):
-    with pytest.raises(MalformedAnswerError):
+@pytest.mark.parametrize("answer, why", [("[1, 0, 1]", "answer lists 3 values for 4 snippets"),
+                                         ("1 0 1 0", "no list of 0s and 1s"), ("[1, 2, 0, 0]", "no list of 0s and 1s"),
+                                         ("", "no list of 0s and 1s")])
+def test_parse_binary_list_rejects_wrong_answers(answer, why):
+    with pytest.raises(MalformedAnswerError, match=why):
         parse_binary_list(answer, 4)
+
+
+def test_an_empty_token_is_a_visible_line_that_round_trips():
+    # the corpus gives "" to a token whose bytes are only the start of a character completed by the next token
+    from workers.method.prompts import escape_token, parse_simulator_answer, unescape_token
+
+    assert escape_token("") == "␀" and unescape_token("␀") == ""
+    answer = "".join(f"{escape_token(t)}\t{v}\n" for t, v in [("caf", 1), ("", 0), ("é", 7)])
+    parsed = parse_simulator_answer(answer, [["caf", "", "é"]])
+    assert [p.value for p in parsed[0]] == [1, 0, 7]

@@ -4,10 +4,9 @@ from __future__ import annotations
 import struct
 
 import pyarrow as pa
-import pytest
 
+from orchestrator.results.index import Progress
 from orchestrator.results.report import summary_markdown, write_report
-from orchestrator.results.reader import Progress
 from support.runfactory import make_run
 
 PNG = b"\x89PNG\r\n\x1a\n"

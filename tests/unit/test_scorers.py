@@ -1,15 +1,29 @@
-"""Scorers (SPEC.md §6): correlation columns, detection, fuzzing, embedding."""
+"""Scorers (docs/method.md §6): correlation columns, detection, fuzzing, embedding; the registry and the
+example scorer of CONTRIBUTING.md."""
 import asyncio
 import json
+import re
+import types
+from pathlib import Path
 
 import numpy as np
 import pytest
 
-from workers.llm.backends.base import Capabilities, Usage
-from workers.method.records import ActivationRecord
-from workers.method.scorers import (NO_NEGATIVES, active_positions, correlation_columns, detection_columns,
-                             embedding_columns, fuzzing_columns, non_activating)
+import workers.method.scorers as scorers_pkg
+from schemas.config import ConfigError, SweepConfig
+from schemas.tables import to_table
 from testing.stubs import RuleStubBackend, ScriptedBackend
+from workers.llm.backends.base import Capabilities, Usage
+from workers.method import check_config
+from workers.method.neuron import explain_and_score
+from workers.method.records import ActivationRecord, NeuronRecords
+from workers.method.scorers import SCORERS, check_scorer_names
+from workers.method.scorers._common import NO_NEGATIVES
+from workers.method.scorers.base import non_activating
+from workers.method.scorers.correlation import correlation_columns
+from workers.method.scorers.detection import detection_columns
+from workers.method.scorers.embedding import embedding_columns
+from workers.method.scorers.fuzzing import active_positions, fuzzing_columns
 
 CHAT = Capabilities(chat=True)
 
@@ -152,3 +166,91 @@ def test_real_minilm_embedding_prefers_windows_that_match_the_explanation():
     cols = asyncio.run(embedding_columns(MiniLMEmbedder(), "years and numbers written with digits", years, quiet))
     assert cols["score"] == 1.0
     json.dumps(cols["settings"])
+
+
+# --- the registry ------------------------------------------------------------------------------------------
+def test_registry_lists_each_scorer_under_its_name_with_what_it_needs():
+    assert list(SCORERS) == ["correlation", "detection", "fuzzing", "embedding"]
+    assert all(cls.name == name for name, cls in SCORERS.items())
+    needs = {name: (cls.needs_simulation, cls.needs_judge, cls.needs_embedder) for name, cls in SCORERS.items()}
+    assert needs == {"correlation": (True, False, False), "detection": (False, True, False),
+                     "fuzzing": (False, True, False), "embedding": (False, False, True)}
+
+
+def test_unknown_scorer_names_are_one_line_naming_the_field_and_the_allowed_names():
+    check_scorer_names(["fuzzing", "correlation"])
+    with pytest.raises(ConfigError) as e:
+        check_scorer_names(["correlation", "vibes", "astrology"])
+    assert str(e.value) == ("scorers: 'vibes', 'astrology' are not scorers "
+                            "(allowed: correlation, detection, fuzzing, embedding)")
+
+
+# --- the example scorer of CONTRIBUTING.md ---------------------------------------------------------------
+CONTRIBUTING = Path(__file__).resolve().parents[2] / "CONTRIBUTING.md"
+
+
+def _contributing_blocks(marker: str) -> str:
+    [block] = [b for b in re.findall(r"```python\n(.*?)```", CONTRIBUTING.read_text(), re.DOTALL) if marker in b]
+    return block
+
+
+def _hand_made_neuron() -> NeuronRecords:
+    """Four top records (one per split, docs/method.md §2) and three random ones that stay at or below 0."""
+    top = [_rec(1, [" my", " cats", " nap"], [0.0, 3.0, 0.0]), _rec(2, [" cats", " purr"], [2.0, 0.0]),
+           _rec(3, [" two", " kittens", " play"], [0.0, 2.5, 0.0]), _rec(4, [" cats", "!"], [1.0, 0.0])]
+    random = [_rec(10, [" the", " dog", " ran"], [0.0, -0.2, 0.0], "random"),
+              _rec(11, [" a", " bird", " sang"], [-0.1, 0.0, 0.0], "random"),
+              _rec(12, [" cats", " sleep"], [-0.5, 0.0], "random")]
+    return NeuronRecords(layer=2, neuron=7, top=top, random=random)
+
+
+def test_the_contributing_example_scorer_works_as_written(monkeypatch):
+    module = types.ModuleType("keyword_example")
+    exec(compile(_contributing_blocks("class KeywordScorer(Scorer)"), str(CONTRIBUTING), "exec"), module.__dict__)
+    registry_line = _contributing_blocks("SCORERS: dict")
+    namespace = {**vars(scorers_pkg), "KeywordScorer": module.KeywordScorer}
+    exec(registry_line, namespace)
+    assert namespace["SCORERS"] == {**SCORERS, "keyword": module.KeywordScorer}  # the shown line is the real one
+    monkeypatch.setitem(SCORERS, "keyword", module.KeywordScorer)
+
+    cfg = SweepConfig.from_dict({"records": {"top_k": 4, "n_random": 3, "n_per_split": 1},
+                                 "scorers": ["keyword"]})
+    check_config(cfg)
+    simulator = ScriptedBackend([])
+    res = asyncio.run(explain_and_score(_hand_made_neuron(), ScriptedBackend(["cats and kittens"]), simulator, cfg))
+    assert res.error is None and res.explanation == "cats and kittens"
+    [row] = res.score_rows
+    # words {cats, kittens}; the valid split's top record (seq 3) has "kittens": 1 hit. The quiet windows
+    # 10, 11, 12 have 0, 0, 1 hits: the positive beats two negatives and ties one, AUC = (1 + 1 + 0.5) / 3.
+    assert row["score"] == pytest.approx(2.5 / 3) and row["null_reason"] is None
+    assert (row["layer"], row["neuron"], row["candidate"], row["scorer"]) == (2, 7, 0, "keyword")
+    assert row["seq_ids"] == [3, 10, 11, 12] and json.loads(row["settings"]) == {"min_word_length": 4}
+    assert simulator.requests == []  # it needs no simulation
+    to_table("scores", res.score_rows)
+
+
+# --- NaN and infinite activations ----------------------------------------------------------------------
+def test_non_activating_windows_need_every_activation_at_or_below_zero():
+    nan = float("nan")
+    recs = [_rec(1, ["a", "b"], [nan, -1.0], "random"), _rec(2, ["a", "b"], [-1.0, nan], "random"),
+            _rec(3, ["a", "b"], [-1.0, float("-inf")], "random")]
+    assert [r.seq_id for r in non_activating(recs)] == [3]  # max() of [-1, nan] is -1: that let window 2 in
+
+
+def test_every_scorer_is_null_with_a_reason_for_non_finite_activations():
+    neuron = _hand_made_neuron()
+    neuron.top[0].activations = [0.0, float("inf"), 0.0]  # train: used to crash the explainer's normalization
+    neuron.top[2].activations = [0.0, float("nan"), 0.0]  # valid top: read by every scorer
+    cfg = SweepConfig.from_dict({"records": {"top_k": 4, "n_random": 3, "n_per_split": 1},
+                                 "scorers": ["correlation", "detection", "fuzzing", "embedding"]})
+    res = asyncio.run(explain_and_score(neuron, RuleStubBackend(), RuleStubBackend(), cfg,
+                                        embedder=KeywordEmbedder()))
+    assert res.error is None and res.explanation is not None
+    rows = {row["scorer"]: row for row in res.score_rows}
+    assert rows["correlation"]["score"] is None and rows["correlation"]["score_top"] is None
+    assert rows["correlation"]["null_reason"].startswith(
+        "score: non_finite_activations (1 of 6 true activations are NaN or infinite)")
+    for name in ("detection", "fuzzing", "embedding"):
+        assert rows[name]["score"] is None
+        assert rows[name]["null_reason"] == "non_finite_activations (NaN or infinite activations in window 3)"
+    to_table("scores", res.score_rows)

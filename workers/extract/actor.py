@@ -1,14 +1,16 @@
-"""The extraction actor: a thin Ray wrapper around `workers.extract.ExtractWorker`.
+"""The extraction actor: a thin Ray wrapper around `workers.extract.worker.ExtractWorker`.
 
 It loads the subject model once, takes corpus chunks one at a time, and checkpoints its collector into the
-run store after each; for quantile records it then re-runs the chunks holding picked windows. `max_restarts=-1, max_task_retries=-1`: a restarted actor re-runs `__init__`, which
-reloads its slot's checkpoint, and a retried chunk it already covers is skipped (RAY_NOTES §1.5).
+run store after each; for quantile records it then re-runs the chunks holding picked windows.
+`max_restarts=-1, max_task_retries=-1`: a restarted actor re-runs `__init__`, which reloads its slot's
+checkpoint, and a retried chunk it already covers is skipped (docs/design.md, "Ray patterns").
 """
 from __future__ import annotations
 
 import ray
 
-from workers.extract.worker import ChunkResult, CollectorSpec, ExtractWorker
+from workers.extract.collectors import CollectorSpec
+from workers.extract.worker import ChunkResult, ExtractWorker
 
 
 @ray.remote(max_restarts=-1, max_task_retries=-1)

@@ -3,8 +3,11 @@ LLMBackend, so the explainer and simulator do not know whether they talk to a ba
 
 Per call: journal hit -> answer (cached=True, not paid). Otherwise, per attempt: take a permit from the
 limiter (reserving estimated prompt + max completion tokens), call with a per-request timeout, settle the
-reservation against the real usage; a 429 pauses the provider for every caller. tenacity retries 429s and
-transient errors (5xx, timeouts, dropped connections, malformed/truncated responses) with jittered
+reservation against the real usage; a 429 pauses the provider for every caller. A backend that queues
+requests itself (`queues_requests`, the in-process model) gets the timeout handed over instead
+(workers/llm/service.py): it applies it to the model's work on the request, not to the request's wait for
+the model, and it bounds how many requests it serves at once, so `concurrency` does not apply to it. tenacity
+retries 429s and transient errors (5xx, timeouts, dropped connections, malformed/truncated responses) with jittered
 exponential backoff, honouring Retry-After; permanent errors (400/401/403/404) are not retried. After the
 last attempt the error is raised as an `LLMError` for the caller to record against its item. Identical
 requests in flight at the same time share one call. Every attempt is reported to `on_call` as a `CallEvent`.
@@ -20,10 +23,14 @@ from typing import Awaitable, Callable, Mapping
 from tenacity import AsyncRetrying, retry_if_exception, stop_after_attempt, wait_random_exponential
 
 from schemas.config import Backend
+from schemas.failures import FailureReason
 from workers.llm.backends.base import (Capabilities, ChatResponse, LLMBackend, LLMError, PermanentLLMError,
-                                   PromptLogprobsResponse, RateLimitedError, TransientLLMError, UnsupportedError)
-from workers.llm.journal import CallJournal, request_key
+                                   PromptLogprobsResponse, RateLimitedError, TokensResponse, TransientLLMError,
+                                   UnsupportedError, Usage)
+from workers.llm.journal import CallJournal, endpoint_of, request_key
 from workers.llm.ratelimit import LimiterClient, estimate_tokens, in_process_limiter, ray_limiter
+from workers.llm.redact import redact_url
+from workers.llm.service import REQUEST_TIMEOUT_S
 
 DEFAULT_RETRY_AFTER_S = 1.0  # a 429 without any Retry-After/x-ratelimit-reset header
 
@@ -77,6 +84,7 @@ class LLMClient:
         self._concurrency = concurrency
         self._semaphores: dict[asyncio.AbstractEventLoop, asyncio.Semaphore] = {}
         self._inflight: dict[str, asyncio.Future] = {}
+        self._queues = bool(getattr(backend, "queues_requests", False))
 
     # --- the LLMBackend protocol ------------------------------------------------------------------------------
     @property
@@ -103,10 +111,28 @@ class LLMClient:
         return await self._request(request, prompt_estimate + max_tokens, lambda: self.backend.chat(
             messages, max_tokens=max_tokens, temperature=temperature, top_logprobs=top_logprobs, seed=seed))
 
-    async def prompt_logprobs(self, prompt: str, offsets: list[int], *, top_k: int) -> PromptLogprobsResponse:
+    async def prompt_logprobs(self, prompt: str, offsets: list[int], *, top_k: int,
+                              branch: str | None = None) -> PromptLogprobsResponse:
         request = {"op": "prompt_logprobs", "prompt": prompt, "offsets": list(offsets), "top_k": top_k}
-        return await self._request(request, estimate_tokens(prompt) + 1,
-                                   lambda: self.backend.prompt_logprobs(prompt, offsets, top_k=top_k))
+        if branch is None:  # a request without a branch keeps the key it had before branches existed
+            return await self._request(request, estimate_tokens(prompt) + 1,
+                                       lambda: self.backend.prompt_logprobs(prompt, offsets, top_k=top_k))
+        return await self._request({**request, "branch": branch}, estimate_tokens(prompt) + len(offsets) + 1,
+                                   lambda: self.backend.prompt_logprobs(prompt, offsets, top_k=top_k, branch=branch))
+
+    async def tokenize(self, text: str) -> list[str]:
+        """The backend's tokens of `text`. An endpoint answers it with a paid echo call, so it goes through the
+        journal, the limiter and the retries like every other request."""
+        tokenize = getattr(self.backend, "tokenize", None)
+        if tokenize is None:
+            raise UnsupportedError(f"backend {self.provider}/{self.model} cannot show its tokenization")
+
+        async def call() -> TokensResponse:
+            tokens = await tokenize(text)
+            return TokensResponse(tokens=tokens, usage=Usage(prompt_tokens=len(tokens)))
+
+        response = await self._request({"op": "tokenize", "text": text}, estimate_tokens(text) + 1, call)
+        return response.tokens
 
     async def aclose(self) -> None:
         if self.limiter is not None:
@@ -115,26 +141,28 @@ class LLMClient:
 
     # --- machinery ----------------------------------------------------------------------------------------------
     async def _request(self, request: dict, reserve_tokens: int, call: Callable[[], Awaitable]):
-        key = request_key(self.provider, self.model, request)
+        key = request_key(self.provider, self.model, request, endpoint=endpoint_of(self.backend))
         if self.journal is not None:
             hit = await asyncio.to_thread(self.journal.get, key)
             if hit is not None:
                 self._emit("cached", key, usage=hit.usage)
                 return hit
-        if key in self._inflight:  # the same request is being paid for right now: share its answer
-            return await asyncio.shield(self._inflight[key])
-        future = asyncio.get_running_loop().create_future()
-        self._inflight[key] = future
+        # The call runs in a task of its own that every caller of the same request awaits (shielded): the
+        # cancellation of one caller (its neuron's deadline) never reaches the others. The last caller to
+        # leave cancels the call.
+        task = self._inflight.get(key)
+        if task is None:
+            task = self._inflight[key] = asyncio.ensure_future(self._with_retries(key, reserve_tokens, call))
+            task.waiters = 0
+            task.add_done_callback(lambda t: self._inflight.pop(key) if self._inflight.get(key) is t else None)
+        task.waiters += 1
         try:
-            response = await self._with_retries(key, reserve_tokens, call)
-            future.set_result(response)
-            return response
-        except BaseException as e:
-            future.set_exception(e)
-            future.exception()  # mark retrieved: nobody else may be waiting
-            raise
+            return await asyncio.shield(task)
         finally:
-            del self._inflight[key]
+            task.waiters -= 1
+            if task.waiters == 0 and not task.done():
+                self._inflight.pop(key)  # a new caller must not join a call being cancelled
+                task.cancel()
 
     async def _with_retries(self, key: str, reserve_tokens: int, call: Callable[[], Awaitable]):
         retrying = AsyncRetrying(stop=stop_after_attempt(self.max_retries + 1), wait=self._wait,
@@ -154,7 +182,7 @@ class LLMClient:
         return self._backoff(state)
 
     def _semaphore(self) -> asyncio.Semaphore | None:
-        if self._concurrency is None:
+        if self._concurrency is None or self._queues:
             return None
         loop = asyncio.get_running_loop()
         if loop not in self._semaphores:
@@ -170,7 +198,14 @@ class LLMClient:
             waited = permit.waited_s if permit else 0.0
             start = time.monotonic()
             try:
-                response = await asyncio.wait_for(call(), self.timeout_s)
+                if self._queues:
+                    timeout = REQUEST_TIMEOUT_S.set(self.timeout_s)
+                    try:
+                        response = await call()
+                    finally:
+                        REQUEST_TIMEOUT_S.reset(timeout)
+                else:
+                    response = await asyncio.wait_for(call(), self.timeout_s)
             except BaseException as e:
                 latency = time.monotonic() - start
                 err = self._as_llm_error(e)
@@ -204,11 +239,12 @@ class LLMClient:
         if isinstance(e, LLMError):
             return e
         if isinstance(e, (asyncio.TimeoutError, TimeoutError)):
-            err = TransientLLMError(f"{self.model}: no answer within {self.timeout_s:g}s")
+            err = TransientLLMError(f"{self.model}: no answer within {self.timeout_s:g}s",
+                                    reason=FailureReason.TIMEOUT)
             err.kind = "timeout"
             return err
         if isinstance(e, Exception):  # a backend bug must fail the item, not the sweep
-            return PermanentLLMError(f"{self.model}: {type(e).__name__}: {e}")
+            return PermanentLLMError(f"{self.model}: {type(e).__name__}: {e}", reason=FailureReason.ERROR)
         return None
 
     def _emit(self, status: str, key: str, *, usage=None, latency: float = 0.0, waited: float = 0.0,
@@ -232,7 +268,7 @@ def shared_limiter_for(cfg: Backend, *, use_ray: bool | None = None):
             use_ray = False
     make = ray_limiter if use_ray else in_process_limiter
     # the provider is the endpoint: two servers of the same model have separate limits
-    provider = cfg.base_url or "https://api.openai.com/v1" if cfg.kind == "openai" else cfg.kind
+    provider = redact_url(cfg.base_url or "https://api.openai.com/v1") if cfg.kind == "openai" else cfg.kind
     return make(provider, cfg.model, cfg.requests_per_minute, cfg.tokens_per_minute)
 
 

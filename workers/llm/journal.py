@@ -1,5 +1,10 @@
-"""The call journal: every successful LLM call, keyed by a hash of provider, model and request, so that after a
-crash or restart an identical request is answered from here and not paid for again.
+"""The call journal: every answered LLM call, keyed by a hash of provider, endpoint, model and request, so that
+after a crash or restart an identical request is answered from here and not paid for again.
+
+A row's `status` says what the method made of the answer (workers/llm/verdict.py): `pending` when stored,
+`ok` once the method accepted it, `rejected` when the method found it unusable (malformed, misaligned). Pending
+and ok rows are replayed; a rejected row never is, and the next answer for its key replaces it. A verdict
+lost in a crash leaves its row pending, and the replay is judged again.
 
 Storage is SQLite in WAL mode with `synchronous=FULL`: every committed insert is fsync'd to the write-ahead log
 before `put` returns, and a `kill -9` at any moment leaves either the whole row or none of it (SQLite's
@@ -12,6 +17,7 @@ directory's `calls` table (`rows_for` / `export`) and can seed a fresh node's jo
 """
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import datetime as dt
 import hashlib
@@ -19,12 +25,14 @@ import json
 import sqlite3
 import threading
 import time
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Iterable
 
 from tenacity import retry, retry_if_exception_type, stop_after_delay, wait_random
 
-from workers.llm.backends.base import ChatResponse, PromptLogprobsResponse, TokenAlternatives, Usage
+from workers.llm.backends.base import ChatResponse, PromptLogprobsResponse, TokenAlternatives, TokensResponse, Usage
+from workers.llm.redact import redact_url
+from workers.llm.verdict import ACCEPTED, REJECTED, attach
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS calls (
@@ -36,28 +44,50 @@ CREATE TABLE IF NOT EXISTS calls (
 )"""
 _COLUMNS = ("key", "provider", "model", "status", "prompt_tokens", "completion_tokens", "latency_s", "response",
             "at_ms")
+_REPLACE = ", ".join(f"{c}=excluded.{c}" for c in _COLUMNS[1:])  # an upsert's "take the new row"
+PENDING = "pending"
+KEY_SCHEME = "ns-2"  # part of every key; change it when what a request means changes (old rows then miss)
 
 
-def request_key(provider: str, model: str, request: dict) -> str:
-    """sha256 over provider, model and the canonical JSON of the request (sorted keys, no whitespace)."""
+def endpoint_of(backend) -> str:
+    """Which server answers a backend's requests: its credential-free URL (`endpoint`), or, for an in-process
+    backend without one, its provider."""
+    return getattr(backend, "endpoint", None) or backend.provider
+
+
+def request_key(provider: str, model: str, request: dict, *, endpoint: str) -> str:
+    """sha256 over the key scheme, provider, endpoint (credentials removed, so rotating a password keeps the
+    hits), model and the canonical JSON of the request (every parameter; sorted keys, no whitespace)."""
+    if "://" in endpoint:
+        endpoint = redact_url(endpoint)
     canonical = json.dumps(request, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
-    return hashlib.sha256(f"{provider}\x00{model}\x00{canonical}".encode()).hexdigest()
+    material = "\x00".join((KEY_SCHEME, provider, endpoint, model, canonical))
+    return hashlib.sha256(material.encode()).hexdigest()
 
 
-def encode_response(response: ChatResponse | PromptLogprobsResponse) -> str:
+Response = ChatResponse | PromptLogprobsResponse | TokensResponse
+_TYPES = {ChatResponse: "chat", PromptLogprobsResponse: "prompt_logprobs", TokensResponse: "tokens"}
+
+
+def encode_response(response: Response) -> str:
     data = dataclasses.asdict(response)
     data.pop("cached", None)
-    data["type"] = "chat" if isinstance(response, ChatResponse) else "prompt_logprobs"
+    data["type"] = _TYPES[type(response)]
     return json.dumps(data, separators=(",", ":"))
 
 
-def decode_response(text: str) -> ChatResponse | PromptLogprobsResponse:
+def decode_response(text: str) -> Response:
     data = json.loads(text)
     usage = Usage(**data["usage"])
+    if data["type"] == "tokens":
+        return TokensResponse(tokens=data["tokens"], usage=usage, cached=True)
     if data["type"] == "chat":
         logprobs = None if data["logprobs"] is None else [TokenAlternatives(**t) for t in data["logprobs"]]
         return ChatResponse(text=data["text"], usage=usage, logprobs=logprobs, cached=True)
-    return PromptLogprobsResponse(positions=data["positions"], usage=usage, cached=True)
+    # every other field as stored (e.g. `branches`): a replay must carry all that the answer carried
+    extra = {f.name: data[f.name] for f in dataclasses.fields(PromptLogprobsResponse)
+             if f.name not in ("usage", "cached") and f.name in data}
+    return PromptLogprobsResponse(**extra, usage=usage, cached=True)
 
 
 @retry(retry=retry_if_exception_type(sqlite3.OperationalError), stop=stop_after_delay(60),
@@ -83,22 +113,59 @@ class CallJournal:
         self._db.execute("PRAGMA synchronous=FULL")
         self._db.execute(_SCHEMA)
 
-    def get(self, key: str) -> ChatResponse | PromptLogprobsResponse | None:
+    def get(self, key: str) -> Response | None:
+        """The stored answer (cached=True, carrying a verdict hook), or None when there is none or it was
+        rejected."""
         with self._lock:
-            row = self._db.execute("SELECT response FROM calls WHERE key=?", (key,)).fetchone()
-        return None if row is None else decode_response(row[0])
+            row = self._db.execute("SELECT response, status FROM calls WHERE key=? AND status IS NOT ?",
+                                   (key, REJECTED)).fetchone()
+        if row is None:
+            return None
+        response = decode_response(row[0])
+        attach(response, self._verdict_hook(key, row[0], row[1]))
+        return response
 
-    def put(self, key: str, response: ChatResponse | PromptLogprobsResponse, *, provider: str, model: str,
-            latency_s: float, status: str = "ok") -> None:
-        """Durable when it returns. The first answer for a key wins (a racing duplicate is ignored)."""
+    def put(self, key: str, response: Response, *, provider: str, model: str,
+            latency_s: float, status: str = PENDING) -> None:
+        """Durable when it returns; hangs a verdict hook on `response`. The first answer for a key wins (a
+        racing duplicate is ignored), except over a rejected one, which the new answer replaces."""
+        raw = encode_response(response)
         row = (key, provider, model, status, response.usage.prompt_tokens, response.usage.completion_tokens,
-               float(latency_s), encode_response(response), int(time.time() * 1000))
+               float(latency_s), raw, int(time.time() * 1000))
         with self._lock:
-            self._db.execute(f"INSERT OR IGNORE INTO calls VALUES ({','.join('?' * len(_COLUMNS))})", row)
+            self._db.execute(f"INSERT INTO calls VALUES ({','.join('?' * len(_COLUMNS))}) ON CONFLICT(key) "
+                             f"DO UPDATE SET {_REPLACE} WHERE calls.status IS ?", (*row, REJECTED))
+        attach(response, self._verdict_hook(key, raw, status))
+
+    def set_status(self, key: str, response_json: str, status: str) -> bool:
+        """Record a verdict on the row holding exactly this answer (a row since replaced by another answer
+        keeps its own status); True if a row changed."""
+        with self._lock:
+            cur = self._db.execute("UPDATE calls SET status=? WHERE key=? AND response=? AND status IS NOT ?",
+                                   (status, key, response_json, status))
+            return cur.rowcount > 0
+
+    def status(self, key: str) -> str | None:
+        with self._lock:
+            row = self._db.execute("SELECT status FROM calls WHERE key=?", (key,)).fetchone()
+        return None if row is None else row[0]
+
+    def _verdict_hook(self, key: str, response_json: str, status: str | None):
+        known = [status]  # a verdict equal to the stored status costs no write (replays of accepted answers)
+
+        async def on_verdict(verdict: str) -> None:
+            if verdict not in (ACCEPTED, REJECTED):
+                raise ValueError(f"unknown verdict {verdict!r} (allowed: {ACCEPTED}, {REJECTED})")
+            if verdict != known[0]:
+                known[0] = verdict
+                await asyncio.to_thread(self.set_status, key, response_json, verdict)
+        return on_verdict
 
     def __contains__(self, key: str) -> bool:
+        """True when `get(key)` would answer (a rejected answer does not count)."""
         with self._lock:
-            return self._db.execute("SELECT 1 FROM calls WHERE key=?", (key,)).fetchone() is not None
+            return self._db.execute("SELECT 1 FROM calls WHERE key=? AND status IS NOT ?",
+                                    (key, REJECTED)).fetchone() is not None
 
     def __len__(self) -> int:
         with self._lock:
@@ -125,7 +192,8 @@ class CallJournal:
             return [_to_table_row(r) for r in self._db.execute(f"SELECT {','.join(_COLUMNS)} FROM calls ORDER BY key")]
 
     def import_rows(self, rows: Iterable[dict]) -> int:
-        """Seed from `calls` rows (e.g. read back from the run directory); returns how many were new."""
+        """Seed from `calls` rows (e.g. read back from the run directory), statuses kept; returns how many
+        were new. A key already here keeps its row, unless that row is rejected and the imported one is not."""
         values = []
         for r in rows:
             at = r.get("at")
@@ -137,7 +205,9 @@ class CallJournal:
             before = self._db.total_changes
             self._db.execute("BEGIN IMMEDIATE")
             try:
-                self._db.executemany(f"INSERT OR IGNORE INTO calls VALUES ({','.join('?' * len(_COLUMNS))})", values)
+                self._db.executemany(f"INSERT INTO calls VALUES ({','.join('?' * len(_COLUMNS))}) ON CONFLICT(key) "
+                                     f"DO UPDATE SET {_REPLACE} WHERE calls.status IS '{REJECTED}' "
+                                     f"AND excluded.status IS NOT '{REJECTED}'", values)
                 self._db.execute("COMMIT")
             except BaseException:
                 self._db.execute("ROLLBACK")

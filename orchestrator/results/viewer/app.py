@@ -21,12 +21,17 @@ from fastapi.responses import HTMLResponse
 from fastapi.staticfiles import StaticFiles
 from fastapi.templating import Jinja2Templates
 
-from orchestrator.results.reader import SORTABLE, RunReader, query_index
+from orchestrator.results.index import SORTABLE, query_index
+from orchestrator.results.reader import RunReader
 from orchestrator.store import RunStore
+from schemas.tables import LAYER, NEURON
 
 HERE = Path(__file__).parent
 PAGE_SIZE = 50
 HISTOGRAM_BINS = np.linspace(-1.0, 1.0, 21)
+# the largest layer and neuron numbers the tables can hold: a larger one in a URL names no neuron (404)
+MAX_LAYER = int(np.iinfo(LAYER.type.to_pandas_dtype()).max)
+MAX_NEURON = int(np.iinfo(NEURON.type.to_pandas_dtype()).max)
 
 
 def _num(x) -> str:
@@ -84,6 +89,8 @@ def create_app(run: str, *, refresh_s: float = 2.0, s3_options: dict | None = No
 
     def index_params(layer, status, min_score, max_score, q, sort, order, page):
         layer, min_score, max_score = _opt(int, layer), _opt(float, min_score), _opt(float, max_score)
+        if layer is not None and not 0 <= layer <= MAX_LAYER:
+            raise HTTPException(400, f"layer {layer} is out of range (0..{MAX_LAYER})")
         return dict(layer=layer, status=status or None, min_score=min_score, max_score=max_score,
                     text=q or None, sort=sort if sort in SORTABLE else "score", descending=order != "asc",
                     offset=(max(page, 1) - 1) * PAGE_SIZE, limit=PAGE_SIZE)
@@ -138,6 +145,8 @@ def create_app(run: str, *, refresh_s: float = 2.0, s3_options: dict | None = No
 
 
 def _detail(reader: RunReader, layer: int, neuron: int) -> dict:
+    if not (0 <= layer <= MAX_LAYER and 0 <= neuron <= MAX_NEURON):
+        raise HTTPException(404, f"no data for layer {layer} neuron {neuron} in this run")
     d = reader.neuron(layer, neuron)
     if not any([d["ledger"], d["stats"], d["explanations"], any(d["records"].values())]):
         raise HTTPException(404, f"no data for layer {layer} neuron {neuron} in this run")
@@ -174,7 +183,9 @@ def _json_rows(rows: list[dict]) -> list[dict]:
     return [clean(r) for r in rows]
 
 
-def serve(run: str, *, host: str = "127.0.0.1", port: int = 8765, log_level: str = "warning") -> None:
+def serve(run: str, *, host: str = "127.0.0.1", port: int = 8765, log_level: str = "warning",
+          s3_options: dict | None = None) -> None:
+    """Serve the viewer; `s3_options` (endpoint, keys) come from the CLI's environment, as for every command."""
     import uvicorn
 
-    uvicorn.run(create_app(run), host=host, port=port, log_level=log_level)
+    uvicorn.run(create_app(run, s3_options=s3_options), host=host, port=port, log_level=log_level)

@@ -6,6 +6,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Protocol, runtime_checkable
 
+from schemas.failures import FailureReason
+
 
 @dataclass
 class Usage:
@@ -40,6 +42,18 @@ class PromptLogprobsResponse:
     positions: list[dict[str, float]]
     usage: Usage
     cached: bool = False
+    # asked with `branch` (Capabilities.prompt_branches): per offset, the top-k after the prompt's tokens before
+    # that offset followed by the branch's one token; None where the branch token is not in that position's top-k
+    branches: list[dict[str, float] | None] | None = None
+
+
+@dataclass
+class TokensResponse:
+    """How the backend's tokenizer splits a text (`LLMClient.tokenize`): the token strings in order. An
+    endpoint learns it through a paid echo call, so the answer is journaled like any other."""
+    tokens: list[str]
+    usage: Usage
+    cached: bool = False
 
 
 @dataclass(frozen=True)
@@ -47,33 +61,45 @@ class Capabilities:
     chat: bool = True
     chat_logprobs: bool = False  # chat completions return top_logprobs of generated tokens
     prompt_logprobs: bool = False  # next-token logprobs at chosen prompt positions (local, or echo+logprobs)
+    prompt_branches: bool = False  # prompt_logprobs(..., branch=...) also gives the distribution one token on
 
 
 class LLMError(Exception):
-    """Base of every backend failure. `retryable` tells the retry policy what to do."""
+    """Base of every backend failure. `retryable` tells the retry policy what to do; `reason` is the bounded
+    failure reason the ledger and metrics record (a class default, or the one given where it is raised)."""
     retryable = False
+    reason: FailureReason = FailureReason.ERROR
+    kind: str | None = None  # a finer status for the metrics label ("timeout", "connection", "malformed")
+    retry_after_s: float | None = None  # when the provider said when to come back
 
-    def __init__(self, message: str, *, status: int | None = None):
+    def __init__(self, message: str, *, status: int | None = None, reason: FailureReason | None = None):
         super().__init__(message)
         self.status = status
+        if reason is not None:
+            self.reason = reason
 
 
 class RateLimitedError(LLMError):
     retryable = True
+    reason = FailureReason.RATE_LIMITED
 
-    def __init__(self, message: str, *, retry_after_s: float | None = None, status: int | None = 429):
-        super().__init__(message, status=status)
+    def __init__(self, message: str, *, retry_after_s: float | None = None, status: int | None = 429,
+                 reason: FailureReason | None = None):
+        super().__init__(message, status=status, reason=reason)
         self.retry_after_s = retry_after_s
 
 
 class TransientLLMError(LLMError):
-    """5xx, timeouts, dropped connections, malformed or truncated responses: worth another try."""
+    """5xx, timeouts, dropped connections, malformed or truncated responses: worth another try. The reason is
+    SERVER_ERROR unless it is raised with another (TIMEOUT, CONNECTION, MALFORMED)."""
     retryable = True
+    reason = FailureReason.SERVER_ERROR
 
 
 class PermanentLLMError(LLMError):
     """400/401/403/404 and anything else a retry cannot fix."""
     retryable = False
+    reason = FailureReason.PERMANENT
 
 
 class UnsupportedError(PermanentLLMError):
@@ -90,5 +116,9 @@ class LLMBackend(Protocol):
                    top_logprobs: int | None = None, seed: int | None = None) -> ChatResponse: ...
 
     async def prompt_logprobs(self, prompt: str, offsets: list[int], *, top_k: int) -> PromptLogprobsResponse: ...
+    # A backend with `capabilities.prompt_branches` also takes `branch: str | None = None`, a text that is one
+    # token of its model, and fills `PromptLogprobsResponse.branches` (the simulator reads P("0" | ..."1") so,
+    # where the tokenizer writes "10" as "1" + "0"; docs/method.md §5). A backend may also offer
+    # `async tokenize(text) -> list[str]`, the strings of the tokens its model reads `text` as.
 
     async def aclose(self) -> None: ...
