@@ -148,9 +148,9 @@ def main() -> None:
                         ex.run_batch(ids[i:i + args.batch], seq_ids[i:i + args.batch])
                 if (j + r) % 2:
                     extract.append(timed(ext))
-                    plain.append(timed(lambda: plain_block(block)))
+                    plain.append(timed(lambda block=block: plain_block(block)))
                 else:
-                    plain.append(timed(lambda: plain_block(block)))
+                    plain.append(timed(lambda block=block: plain_block(block)))
                     extract.append(timed(ext))
         finally:
             ex.close()

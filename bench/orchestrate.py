@@ -91,7 +91,8 @@ def main() -> None:
     print(f"driver peak RSS: {max(peak['rss'], maxrss_mb):.0f} MB (first quarter max {early:.0f} MB, "
           f"last quarter max {late:.0f} MB)")
     print(f"projected real GPT-2 XL sweep at {args.tpm:,.0f} tokens/min and ~{TOKENS_PER_NEURON:,} tokens/neuron: "
-          f"{projected_h:.1f} h, rate-limit bound (orchestration alone: {args.layers * args.neurons / rate / 3600:.2f} h)")
+          f"{projected_h:.1f} h, rate-limit bound "
+          f"(orchestration alone: {args.layers * args.neurons / rate / 3600:.2f} h)")
     m = method.done + method.failed + method.skipped
     print(f"with the real method on an instant stub backend: {m:,} neurons ({method.done:,} done) in "
           f"{method_wall:.1f}s = {m / method_wall:.0f} neurons/s on {args.actors} actors (CPU-bound prompt building "

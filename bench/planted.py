@@ -20,9 +20,9 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from schemas.config import Simulator as SimulatorConfig  # noqa: E402
+from testing.stubs import RULES, RuleStubBackend, planted_neuron, pydoc_windows  # noqa: E402
 from workers.method.scoring import correlation_score, split_records  # noqa: E402
 from workers.method.simulator import NeuronSimulator  # noqa: E402
-from testing.stubs import RULES, RuleStubBackend, planted_neuron, pydoc_windows  # noqa: E402
 
 DEFAULT_RULES = "digits,closing_paren,the,comma,of"
 

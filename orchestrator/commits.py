@@ -16,8 +16,19 @@ from typing import TYPE_CHECKING
 
 import pyarrow.fs as pafs
 
-from schemas.layout import (EXTRACT_MARKER, IMPORTED, MARKERS_DIR, PARTITIONED, SHARD_TABLES, is_hidden,
-                            marker_shard_id, partition_dir, shard_file_name, shard_marker, table_file)
+from schemas.layout import (
+    EXTRACT_MARKER,
+    IMPORTED,
+    MARKERS_DIR,
+    PARTITIONED,
+    SHARD_TABLES,
+    is_hidden,
+    marker_shard_id,
+    partition_dir,
+    shard_file_name,
+    shard_marker,
+    table_file,
+)
 
 if TYPE_CHECKING:
     from orchestrator.store import RunStore
@@ -68,13 +79,23 @@ class Markers:
         if not todo and not gone and imported == self.imported:
             return False
         with ThreadPoolExecutor(max_workers=min(16, max(1, len(todo)))) as pool:  # an object store: one GET each
-            docs = list(pool.map(lambda s: self.store.read_json(shard_marker(s)), todo))
+            docs = list(pool.map(self._read, todo))
         for shard_id, doc in zip(todo, docs):
-            self.docs[shard_id] = doc if isinstance(doc, dict) else {}
+            if doc is None:  # removed since the listing (an operator redoing the shard)
+                gone.add(shard_id)
+                stamps.pop(shard_id)
+            else:
+                self.docs[shard_id] = doc if isinstance(doc, dict) else {}
         for shard_id in gone:
             self.docs.pop(shard_id, None)
         self._stamps, self.imported, self._names = stamps, imported, None
         return True
+
+    def _read(self, shard_id: str) -> dict | None:
+        try:
+            return self.store.read_json(shard_marker(shard_id))
+        except FileNotFoundError:
+            return None
 
     def names(self, table: str) -> frozenset[str]:
         """The file names (not paths: shard ids are unique across layers) of `table` that are committed."""

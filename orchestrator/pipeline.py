@@ -21,19 +21,32 @@ import hashlib
 import os
 import time
 from collections import Counter
+from collections.abc import Callable, Coroutine, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Mapping
+from typing import TYPE_CHECKING, Any
 
 from orchestrator.lease import DEFAULT_STALE_AFTER_S, RunLease, lease_token
 from orchestrator.metrics import SweepMetrics
 from orchestrator.placement import ActorSlots
 from orchestrator.plan import Plan, Shard, prepare_run
-from orchestrator.shards import ShardRunner, ShardSummary, StoreRecordSource, added_by, record_call
+from orchestrator.shards import (
+    NeuronProcessor,
+    ShardRunner,
+    ShardSummary,
+    StoreRecordSource,
+    added_by,
+    record_call,
+)
 from orchestrator.store import RunStore, with_env_credentials, without_secrets
 from schemas.config import ConfigError, SweepConfig
 from schemas.failures import FailureReason
 from schemas.layout import EXTRACT_MARKER, JOURNAL_FILE, MARKERS_DIR, marker_shard_id, shard_marker
+
+if TYPE_CHECKING:
+    from workers.llm.backends.base import LLMBackend
+    from workers.method.neuron import NeuronResult
+    from workers.method.records import NeuronRecords
 
 
 # --- what a ShardActor runs --------------------------------------------------------------------------------------
@@ -46,19 +59,31 @@ def journal_path(cfg: SweepConfig, store: RunStore, cache_dir: Path | None = Non
     return (cache_dir or Path.home() / ".cache" / "neuronsweep" / "journal") / f"{digest}.sqlite"
 
 
-def method_processor(cfg: SweepConfig, env: Mapping[str, str], journal):
+@dataclass
+class MethodProcessor:
+    """A `NeuronProcessor` (`process`) that also names the local models it holds (`local_backends`), whose
+    measured service the driver reads for its estimate of the sweep's time (ShardActor.live)."""
+    process: NeuronProcessor
+    local_backends: list[LLMBackend]
+
+    def __call__(self, records: NeuronRecords) -> Coroutine[Any, Any, NeuronResult]:
+        return self.process(records)
+
+
+def method_processor(cfg: SweepConfig, env: Mapping[str, str], journal) -> MethodProcessor:
     """The published method through our LLM clients (journal, retries, shared rate limiter)."""
     from workers.llm.backends import make_backend
     from workers.llm.client import make_client
     from workers.method.neuron import explain_and_score
 
-    backends = {}
+    shared: dict[tuple, LLMBackend] = {}  # by model: explainer and simulator share one local model in memory
+    backends: dict[str, LLMBackend] = {}  # by role
     for role in ("explainer", "simulator"):
         b = getattr(cfg, role)
         key = (b.kind, b.model, b.dtype, b.max_batch) if b.kind == "local" else (role,)
-        if key not in backends:  # explainer and simulator share one local model in memory
-            backends[key] = make_backend(b, env=env)
-        backends[role] = backends[key]
+        if key not in shared:
+            shared[key] = make_backend(b, env=env)
+        backends[role] = shared[key]
     explainer = make_client(cfg.explainer, env=env, role="explainer", journal=journal, on_call=record_call,
                             backend=backends["explainer"])
     simulator = make_client(cfg.simulator, env=env, role="simulator", journal=journal, on_call=record_call,
@@ -69,14 +94,13 @@ def method_processor(cfg: SweepConfig, env: Mapping[str, str], journal):
         embedder = MiniLMEmbedder()
     probed: list = []
 
-    async def process(records):
+    async def process(records: NeuronRecords) -> NeuronResult:
         if not probed:  # what an unconfigured endpoint can do decides the simulator mode: ask once, first
             probed.append(await asyncio.gather(explainer.probe_capabilities(), simulator.probe_capabilities()))
         return await explain_and_score(records, explainer, simulator, cfg, embedder=embedder)
 
     # their measured service, for the driver's estimate of the sweep's time (ShardActor.live)
-    process.local_backends = list({id(b): b for b in backends.values() if b.provider == "local"}.values())
-    return process
+    return MethodProcessor(process, list({id(b): b for b in shared.values() if b.provider == "local"}.values()))
 
 
 class RunnerFactory:
@@ -294,7 +318,7 @@ def init_ray(cfg: SweepConfig) -> bool:
 
     if ray.is_initialized():
         return False
-    kw = dict(address=cfg.ray_address, log_to_driver=False) if cfg.ray_address else dict(
+    kw: dict[str, Any] = dict(address=cfg.ray_address, log_to_driver=False) if cfg.ray_address else dict(
         include_dashboard=False, log_to_driver=False)
     if cfg.ray_address and os.environ.get(MODEL_SOURCES_ENV):
         # a cluster's workers do not inherit this process's environment (a local one's do): hand them the
@@ -411,6 +435,9 @@ def _explain_stage(cfg, store, plan: Plan, lease: RunLease, *, retry_failed, run
     if not todo:
         out.elapsed_s = time.monotonic() - t0
         return out
+    retried = {sh.shard_id for sh in todo if sh.shard_id in committed}
+    for shard_id in retried:  # their neurons are being redone: out of the counts (not the spend) until they return
+        _add_counts(out, committed[shard_id], -1)
 
     n = n_actors or default_actor_count(cfg, runner_factory)
     limiters = _shared_limiters(cfg) if runner_factory.calls_configured_backends else []  # owned by the driver
@@ -418,7 +445,9 @@ def _explain_stage(cfg, store, plan: Plan, lease: RunLease, *, retry_failed, run
         num_cpus=1 if runner_factory.holds_local_llm(cfg) else 0.25, max_restarts=-1, max_task_retries=0,
         max_concurrency=max(64, cfg.max_inflight_shards * 4))
     cfg_dict = actor_config(cfg)
-    actors = [actor_cls.remote(cfg_dict, runner_factory, without_secrets(s3_options), lease.token) for _ in range(n)]
+    # Any: Ray types a handle as `ActorHandle[T] | type[T]`, whose methods are ShardActor's own (no `.remote`)
+    actors: list[Any] = [actor_cls.remote(cfg_dict, runner_factory, without_secrets(s3_options), lease.token)
+                         for _ in range(n)]
     _check_actors_ready(actors)
     from orchestrator.progress import LivePoller
     poller = LivePoller(actors)
@@ -498,6 +527,7 @@ def _explain_stage(cfg, store, plan: Plan, lease: RunLease, *, retry_failed, run
                     out.shard_errors.append((sh.shard_id, _one_line(e)))
                     continue
                 _count(out, summary, metrics, fresh=not summary.already_committed, previous=prev)
+                retried.discard(sh.shard_id)
                 added = added_by(summary, prev)
                 done_this_run += added.done + added.failed + added.skipped
                 reason = _over_budget(cfg, out)
@@ -513,6 +543,8 @@ def _explain_stage(cfg, store, plan: Plan, lease: RunLease, *, retry_failed, run
     finally:
         for a in actors:
             ray.kill(a)
+    for shard_id in retried:  # retries that did not come back (budget, errors): their previous commit stands
+        _add_counts(out, committed[shard_id], 1)
     out.elapsed_s = time.monotonic() - t0
     out.live = None  # everything finished is committed now (the last poll may predate a commit)
     metrics.queue_depth.labels("explain").set(0)
@@ -555,23 +587,28 @@ def _one_line(e: BaseException) -> str:
     return f"{type(e).__name__}: {(str(e).splitlines() or [''])[0][:300]}"
 
 
+def _add_counts(out: SweepOutcome, s: ShardSummary, sign: int) -> None:
+    """Add (sign 1) or take out (-1) a shard's neurons and its being committed; its spend is `_count`'s."""
+    out.done += sign * s.done
+    out.failed += sign * s.failed
+    out.skipped += sign * s.skipped
+    out.shards_committed += sign
+    for reason, k in s.failures.items():
+        out.failures[reason] = out.failures.get(reason, 0) + sign * k
+    out.failures = {reason: k for reason, k in out.failures.items() if k}
+
+
 def _count(out: SweepOutcome, s: ShardSummary, metrics: SweepMetrics, *, fresh: bool,
            previous: ShardSummary | None = None) -> None:
-    """Move the tally from the shard's `previous` commit (counted already; None: the shard was not committed) to
-    `s`, and count what `s` added in the metrics when it was committed by this run (`fresh`)."""
-    for sign, summary in ((-1, previous), (1, s)):
-        if summary is None:
-            continue
-        out.done += sign * summary.done
-        out.failed += sign * summary.failed
-        out.skipped += sign * summary.skipped
-        out.shards_committed += sign
-        out.prompt_tokens += sign * summary.prompt_tokens
-        out.completion_tokens += sign * summary.completion_tokens
-        out.cost_usd += sign * summary.cost_usd
-        for reason, k in summary.failures.items():
-            out.failures[reason] = out.failures.get(reason, 0) + sign * k
-    out.failures = {reason: k for reason, k in out.failures.items() if k}
+    """Count a shard's commit `s` in the tally, and what it added in the metrics when this run committed it
+    (`fresh`). `previous`: the commit a retry replaced, whose neurons the driver took out of the tally when it
+    scheduled the retry and whose spend stays counted: a summary's spend is its shard's total, so only the
+    difference is new."""
+    _add_counts(out, s, 1)
+    base = previous or ShardSummary(s.shard_id, s.layer, s.n)
+    out.prompt_tokens += s.prompt_tokens - base.prompt_tokens
+    out.completion_tokens += s.completion_tokens - base.completion_tokens
+    out.cost_usd += s.cost_usd - base.cost_usd
     if not fresh:
         return
     s = added_by(s, previous)

@@ -340,9 +340,10 @@ def versions() -> dict:
 
 
 def _get(d: dict, dotted: str):
+    value: object = d
     for k in dotted.split("."):
-        d = d.get(k) if isinstance(d, dict) else None
-    return d
+        value = value.get(k) if isinstance(value, dict) else None
+    return value
 
 
 def _set(d: dict, dotted: str, value) -> None:

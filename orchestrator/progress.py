@@ -21,10 +21,11 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 from schemas.config import SweepConfig
 
-MIN_RATE_NEURONS = 3  # finished neurons before their own rate replaces the model-time estimate as the ETA
+MIN_RATE_NEURONS = 3  # finished neurons before their own rate gives an ETA (where no model estimate does)
 
 
 def calls_per_neuron(cfg: SweepConfig) -> dict[str, int]:
@@ -95,6 +96,8 @@ class ExtractState:
     windows_total: int = 0
     tokens_per_s: float = 0.0
     eta_s: float | None = None
+    chunks_done: int = 0
+    chunks_total: int = 0
 
 
 @dataclass
@@ -116,7 +119,8 @@ class ProgressLines:
     # --- state --------------------------------------------------------------------------------------------
     def on_extract(self, p) -> None:
         """Callback for the extraction stage (`ExtractProgress`)."""
-        self.extract = ExtractState(p.windows_done, p.windows_total, p.tokens_per_s, p.eta_s)
+        self.extract = ExtractState(p.windows_done, p.windows_total, p.tokens_per_s, p.eta_s, p.chunks_done,
+                                    p.chunks_total)
 
     def on_sweep(self, state: SweepState) -> None:
         if self._sweep_started is None:
@@ -133,6 +137,9 @@ class ProgressLines:
             e = self.extract
             if e.windows_total and e.windows_done >= e.windows_total:
                 return f"{stamp} extract {e.windows_done:,}/{e.windows_total:,} windows: done; starting to explain"
+            if not e.tokens_per_s:  # counts move a checkpointed chunk at a time
+                return (f"{stamp} extract {e.windows_done:,}/{e.windows_total:,} windows | chunk "
+                        f"{e.chunks_done + 1} of {e.chunks_total} running")
             eta = f", ETA {duration(e.eta_s)}" if e.eta_s is not None else ""
             return (f"{stamp} extract {e.windows_done:,}/{e.windows_total:,} windows | "
                     f"{e.tokens_per_s:,.0f} tokens/s{eta}")
@@ -144,7 +151,7 @@ class ProgressLines:
         new = finished - s.finished_at_start
         rate = new / elapsed * 60 if elapsed > 0 and new > 0 else 0.0
         eta = s.eta_s
-        if new >= MIN_RATE_NEURONS and rate > 0:  # the sweep's own rate, once there is one
+        if eta is None and new >= MIN_RATE_NEURONS and rate > 0:  # the sweep's own rate, once it has one
             eta = (s.planned - finished) / rate * 60
         parts = [f"neurons {finished:,}/{s.planned:,}: {s.done:,} done, {s.failed:,} failed, {s.skipped:,} skipped",
                  (f"{rate:.1f}/min" if rate else "rate: measuring") + (f", ETA {duration(eta)}" if eta is not None
@@ -245,7 +252,7 @@ class ProgressReporter:
         self.terminal = (console.is_terminal and out.is_terminal) if terminal is None else terminal
         self.estimate: LocalEstimate | None = None
         self.lines: ProgressLines | None = None
-        self.progress = None
+        self.progress: Any = None  # a rich Progress
         self._task = None
         self._finished_at_start: int | None = None
 
@@ -279,7 +286,10 @@ class ProgressReporter:
 
     @property
     def extract_progress(self):
-        return self.progress if self.progress is not None else self.lines.on_extract
+        """What run_extraction takes as `progress`: the rich Progress, or the plain lines' callback."""
+        if self.progress is not None:
+            return self.progress
+        return self.lines.on_extract if self.lines is not None else None
 
     def discard(self) -> None:
         """The sweep was refused before it started: no empty bar."""
@@ -295,12 +305,19 @@ class ProgressReporter:
         if self._finished_at_start is None:
             self._finished_at_start = o.done + o.failed + o.skipped
         left = max(0, o.planned - finished)
-        if self.estimate is None and live.model_stats:
-            self.estimate = LocalEstimate.from_stats(self.cfg, live.model_stats)
-            if self.estimate is not None:
-                text = self.estimate.describe(self.cfg.explainer.model, left, max(1, live.model_copies))
-                (self.progress.console.print if self.progress is not None else self._plain)(text)
-        eta = self.estimate.per_neuron_s * left / max(1, live.model_copies) if self.estimate else None
+        copies = max(1, live.model_copies)
+        estimate = LocalEstimate.from_stats(self.cfg, live.model_stats) if live.model_stats else None
+        if self.estimate is None and estimate is not None:  # the first one is announced
+            self.estimate = estimate
+            text = estimate.describe(self.cfg.explainer.model, left, copies)
+            (self.progress.console.print if self.progress is not None else self._plain)(text)
+        eta = None
+        if estimate is not None and left:
+            # the model time this run needs, less what the models have worked so far (it moves between
+            # commits, as neurons progress together), never under one neuron's worth
+            work = (o.planned - self._finished_at_start) * estimate.per_neuron_s
+            busy = sum(st.get("busy_s", 0.0) for st in live.model_stats)
+            eta = max(work - busy, estimate.per_neuron_s) / copies
         if self.progress is not None:
             if self._task is None:
                 self._task = self.progress.add_task("neurons", total=None, rate="")

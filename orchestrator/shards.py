@@ -18,22 +18,26 @@ import contextvars
 import datetime as dt
 import time
 from collections import Counter
+from collections.abc import Callable, Coroutine, Mapping
 from dataclasses import asdict, dataclass, field, fields, replace
-from typing import Awaitable, Callable, Mapping, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import pyarrow.compute as pc
 
+from orchestrator.commits import shard_files
 from orchestrator.lease import check_holder
 from orchestrator.plan import Shard
 from orchestrator.store import RunStore
 from schemas.config import SweepConfig
 from schemas.failures import FailureReason
-from orchestrator.commits import shard_files
 from schemas.layout import SHARD_TABLES, shard_file_name, shard_marker
 from schemas.tables import to_table
 from workers.llm.backends.base import Usage
 from workers.llm.service import run_within
 from workers.method.records import ActivationRecord, NeuronRecords
+
+if TYPE_CHECKING:
+    from workers.method.neuron import NeuronResult
 
 
 # --- what a shard reports --------------------------------------------------------------------------------------
@@ -112,7 +116,8 @@ class StoreRecordSource:
 
 
 # --- what happens to one neuron ------------------------------------------------------------------------------------
-NeuronProcessor = Callable[[NeuronRecords], Awaitable["object"]]  # -> workers.method.neuron.NeuronResult
+# an async function (or object with an async __call__): a coroutine, which `asyncio.run` also takes (cli/sweep.py)
+NeuronProcessor = Callable[[NeuronRecords], Coroutine[Any, Any, "NeuronResult"]]
 
 
 @dataclass
@@ -246,10 +251,10 @@ class ShardRunner:
                   "prompt_tokens": sum(u.prompt_tokens for u in usage.values()),
                   "completion_tokens": sum(u.completion_tokens for u in usage.values()),
                   "cost_usd": cost_usd(self.cfg, usage), "elapsed_s": time.monotonic() - started}
-        ok = status == "done" and result is not None
+        kept = result if status == "done" else None  # the result whose rows are committed
         self.finished[status] += 1
-        return {"explanations": result.explanation_rows if ok else [], "scores": result.score_rows if ok else [],
-                "ledger": [ledger]}
+        return {"explanations": kept.explanation_rows if kept is not None else [],
+                "scores": kept.score_rows if kept is not None else [], "ledger": [ledger]}
 
     # --- commit ----------------------------------------------------------------------------------------------------
     def _commit(self, shard: Shard, rows: dict, summary: ShardSummary) -> None:

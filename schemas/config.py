@@ -59,7 +59,7 @@ class Records(_Strict):
     n_per_quantile: int = Field(2, ge=1)
 
     @model_validator(mode="after")
-    def _enough_records(self) -> "Records":
+    def _enough_records(self) -> Records:
         if self.top_k < 4 * self.n_per_split:
             raise ValueError(
                 f"records.top_k={self.top_k} must be at least 4 x records.n_per_split "
@@ -138,7 +138,7 @@ class Units(_Strict):
                                                        "fold_W_dec_norm), so latents are comparable in size")
 
     @model_validator(mode="after")
-    def _consistent(self) -> "Units":
+    def _consistent(self) -> Units:
         if self.kind == "mlp_neuron":
             given = [f for f in ("path", "hook") if getattr(self, f) is not None]
             if given:
@@ -219,7 +219,7 @@ class SweepConfig(_Strict):
 
     # --- loading -------------------------------------------------------------------------------------------
     @classmethod
-    def load(cls, path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> "SweepConfig":
+    def load(cls, path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> SweepConfig:
         data: dict[str, Any] = {}
         if path is not None:
             try:
@@ -237,7 +237,7 @@ class SweepConfig(_Strict):
         return cls.from_dict(data)
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "SweepConfig":
+    def from_dict(cls, data: dict[str, Any]) -> SweepConfig:
         try:
             return cls.model_validate(data)
         except ValidationError as e:

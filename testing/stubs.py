@@ -20,10 +20,24 @@ import zlib
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
-from workers.llm.backends.base import (Capabilities, ChatResponse, PromptLogprobsResponse, TokenAlternatives,
-                                   UnsupportedError, Usage)
-from workers.method.prompts import (DETECTION_SYSTEM, EXPLAINER_SYSTEM, FUZZING_SYSTEM, HIGHLIGHT_CLOSE, HIGHLIGHT_OPEN,
-                             LEAD_IN, SIMULATOR_CHAT_SYSTEM, unescape_token)
+from workers.llm.backends.base import (
+    Capabilities,
+    ChatResponse,
+    PromptLogprobsResponse,
+    TokenAlternatives,
+    UnsupportedError,
+    Usage,
+)
+from workers.method.prompts import (
+    DETECTION_SYSTEM,
+    EXPLAINER_SYSTEM,
+    FUZZING_SYSTEM,
+    HIGHLIGHT_CLOSE,
+    HIGHLIGHT_OPEN,
+    LEAD_IN,
+    SIMULATOR_CHAT_SYSTEM,
+    unescape_token,
+)
 from workers.method.records import ActivationRecord, NeuronRecords
 from workers.method.scoring import correlation_score
 
@@ -119,7 +133,8 @@ class RuleStubBackend:
         values = [float(v) for _, v in pairs]
         best, best_r = None, 0.0
         for rule in RULES.values():
-            r = (correlation_score([[1.0 if rule.match(t) else 0.0 for t in tokens]], [values]) or 0.0) if tokens else 0.0
+            hits = [[1.0 if rule.match(t) else 0.0 for t in tokens]]
+            r = (correlation_score(hits, [values]) or 0.0) if tokens else 0.0
             if r > best_r:
                 best, best_r = rule, r
         return best.phrase if best else "nothing in particular"

@@ -29,8 +29,8 @@ import random
 import re
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 import uvicorn
 from fastapi import FastAPI, Request
@@ -177,7 +177,7 @@ class TestServer:
         return f"http://127.0.0.1:{self.port}/v1"
 
     # --- lifecycle ----------------------------------------------------------------------------------------
-    def start(self) -> "TestServer":
+    def start(self) -> TestServer:
         config = uvicorn.Config(self.app, host="127.0.0.1", port=0, log_level="critical", access_log=False,
                                 timeout_graceful_shutdown=1, lifespan="off", backlog=4096,
                                 date_header=False)  # ours, on the server's clock
@@ -199,7 +199,7 @@ class TestServer:
                 self._thread.join(timeout=10)
             self._server = None
 
-    def __enter__(self) -> "TestServer":
+    def __enter__(self) -> TestServer:
         return self.start()
 
     def __exit__(self, *exc) -> None:

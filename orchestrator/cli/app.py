@@ -8,7 +8,7 @@ from __future__ import annotations
 import os
 import sys
 from pathlib import Path
-from typing import Annotated, Any, Optional
+from typing import Annotated, Any
 
 import typer
 import yaml
@@ -22,16 +22,16 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
 console = Console(stderr=True)
 out = Console(soft_wrap=True)
 
-ConfigOpt = Annotated[Optional[Path], typer.Option("--config", "-c", help="sweep config YAML file")]
-SetOpt = Annotated[Optional[list[str]], typer.Option("--set", "-s", help="override any field: a.b=value")]
-ModelOpt = Annotated[Optional[str], typer.Option("--model", "-m", help="subject model: hub id, path or smollm2-135m")]
-CorpusOpt = Annotated[Optional[str], typer.Option("--corpus", help="pydoc | file/folder | hf:NAME")]
-LayersOpt = Annotated[Optional[str], typer.Option("--layers", help="'all' or e.g. 0,3-5")]
-NeuronsOpt = Annotated[Optional[str], typer.Option("--neurons", help="'all' or e.g. 0-99")]
-OutOpt = Annotated[Optional[str], typer.Option("--out", "-o", help="run directory or s3:// URI")]
-SeqLenOpt = Annotated[Optional[int], typer.Option("--seq-len", help="tokens per window")]
-WindowsOpt = Annotated[Optional[int], typer.Option("--max-windows", help="cap on corpus windows")]
-AddressOpt = Annotated[Optional[str], typer.Option("--address", help="Ray cluster address (else RAY_ADDRESS, "
+ConfigOpt = Annotated[Path | None, typer.Option("--config", "-c", help="sweep config YAML file")]
+SetOpt = Annotated[list[str] | None, typer.Option("--set", "-s", help="override any field: a.b=value")]
+ModelOpt = Annotated[str | None, typer.Option("--model", "-m", help="subject model: hub id, path or smollm2-135m")]
+CorpusOpt = Annotated[str | None, typer.Option("--corpus", help="pydoc | file/folder | hf:NAME")]
+LayersOpt = Annotated[str | None, typer.Option("--layers", help="'all' or e.g. 0,3-5")]
+NeuronsOpt = Annotated[str | None, typer.Option("--neurons", help="'all' or e.g. 0-99")]
+OutOpt = Annotated[str | None, typer.Option("--out", "-o", help="run directory or s3:// URI")]
+SeqLenOpt = Annotated[int | None, typer.Option("--seq-len", help="tokens per window")]
+WindowsOpt = Annotated[int | None, typer.Option("--max-windows", help="cap on corpus windows")]
+AddressOpt = Annotated[str | None, typer.Option("--address", help="Ray cluster address (else RAY_ADDRESS, "
                                                                     "else in-process)")]
 
 

@@ -79,8 +79,8 @@ def _run(cfg: SweepConfig, *, retry_failed: bool, linger_s: float = 0.0, force_u
               f"estimated cost ${outcome.cost_usd:.4f}")
     if outcome.failures:
         out.print("failures by reason: " + ", ".join(f"{k} {v}" for k, v in sorted(outcome.failures.items())))
-    for shard_id, err in outcome.shard_errors[:5]:
-        out.print(f"[red]shard {shard_id} did not commit:[/] {escape(str(err))}")
+    for shard_id, message in outcome.shard_errors[:5]:
+        out.print(f"[red]shard {shard_id} did not commit:[/] {escape(str(message))}")
     if outcome.stopped_by_budget:
         out.print(f"[yellow]stopped: {escape(str(outcome.stopped_by_budget))}.[/] Raise the budget and continue "
                   f"with `{escape(_resume_command(cfg))} --set budget.max_tokens=...`")

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import importlib.util
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 
@@ -52,7 +52,7 @@ def view(run: RunArg,
 
 @app.command()
 def report(run: RunArg,
-           out_dir: Annotated[Optional[Path], typer.Option("--out", "-o", help="folder for the plots and "
+           out_dir: Annotated[Path | None, typer.Option("--out", "-o", help="folder for the plots and "
                                                                                 "summary (default RUN-report)")] = None,
            ) -> None:
     """Write PNG plots and a Markdown summary of a run's scores, failures and cost."""
@@ -99,9 +99,9 @@ def export_cmd(run: RunArg,
 def import_cmd(src: Annotated[Path, typer.Argument(help="folder in OpenAI's neuron-explainer layout (or "
                                                        "Neuronpedia's, with --format neuronpedia)")],
                run: Annotated[str, typer.Option("--out", "-o", help="run directory to create")],
-               n_layers: Annotated[Optional[int], typer.Option(help="layers of the model (default: highest "
+               n_layers: Annotated[int | None, typer.Option(help="layers of the model (default: highest "
                                                                      "imported + 1)")] = None,
-               n_neurons: Annotated[Optional[int], typer.Option(help="neurons per layer (default: highest "
+               n_neurons: Annotated[int | None, typer.Option(help="neurons per layer (default: highest "
                                                                       "imported + 1)")] = None,
                format_: Annotated[str, typer.Option("--format", "-f", help="openai | neuronpedia")] = "openai",
                ) -> None:

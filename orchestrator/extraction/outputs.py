@@ -9,8 +9,15 @@ import pyarrow.dataset as ds
 
 from orchestrator.extraction.quantiles import quantile_chunks, quantile_rows
 from orchestrator.store import RunStore
-from schemas.layout import (HIDDEN_PREFIXES, QUANTILE_PICKS, SEQUENCES_MANIFEST, STATS_FILE, partition_dir,
-                            records_file, records_file_range)
+from schemas.layout import (
+    HIDDEN_PREFIXES,
+    QUANTILE_PICKS,
+    SEQUENCES_MANIFEST,
+    STATS_FILE,
+    partition_dir,
+    records_file,
+    records_file_range,
+)
 from schemas.tables import RECORDS
 from workers.extract.checkpoint import load_layer_state, read_bytes, tensor_load
 from workers.extract.collectors import CollectorSpec, LayerCollector

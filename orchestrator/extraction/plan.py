@@ -5,7 +5,7 @@ from __future__ import annotations
 from orchestrator.store import RunStore
 from schemas.config import SweepConfig
 from schemas.layout import EXTRACT_PLAN, SEQUENCES_MANIFEST, sequences_part, table_file
-from workers.extract.corpus import TokenDecoder, iter_windows, sequences_table
+from workers.extract.corpus import TokenDecoder, Window, iter_windows, sequences_table
 from workers.extract.errors import ExtractError
 from workers.models.loading import load_tokenizer
 
@@ -60,7 +60,8 @@ def write_sequences(cfg: SweepConfig, store: RunStore, chunk_windows: int) -> di
         return store.read_json(SEQUENCES_MANIFEST)
     tokenizer = load_tokenizer(cfg.model.name)
     decoder = TokenDecoder(tokenizer)
-    n_windows, chunk, buf = 0, 0, []
+    n_windows, chunk = 0, 0
+    buf: list[Window] = []
 
     def flush():
         nonlocal chunk, buf

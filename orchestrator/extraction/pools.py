@@ -3,6 +3,7 @@ checkpoint slot each (`RayPool`). Both have `map(method, chunks, on_result)` and
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 from orchestrator.store import RunStore
 from workers.extract.checkpoint import slot_heads
@@ -56,7 +57,9 @@ class RayPool:
             self.started_ray = True
         gpus = ray.cluster_resources().get("GPU", 0)
         n = max(1, min(self.n_actors or (int(gpus) or 1), n_tasks))
-        self.actors = [ExtractActor.options(**actor_options(gpus)).remote(
+        # @ray.remote turns the class into a Ray ActorClass (with .options); mypy still sees the plain class
+        actor_class: Any = ExtractActor
+        self.actors = [actor_class.options(**actor_options(gpus)).remote(
             cfg.model.name, self.spec, self.store, slot, cfg.model.batch_size, cfg.model.dtype, cfg.model.device,
             self.compile) for slot in range(n)]
 
@@ -65,9 +68,11 @@ class RayPool:
 
         if self.actors is None:
             self._start(len(chunks))
+        actors = self.actors
+        assert actors is not None  # set by _start
         queue = list(chunks)
         inflight = {}
-        for slot, actor in enumerate(self.actors):
+        for slot, actor in enumerate(actors):
             if queue:
                 inflight[getattr(actor, method).remote(queue.pop(0))] = slot
         while inflight:
@@ -75,7 +80,7 @@ class RayPool:
             slot = inflight.pop(ready[0])
             on_result(ray.get(ready[0]), slot)
             if queue:
-                inflight[getattr(self.actors[slot], method).remote(queue.pop(0))] = slot
+                inflight[getattr(actors[slot], method).remote(queue.pop(0))] = slot
 
     def close(self) -> None:
         import ray

@@ -25,8 +25,14 @@ import pyarrow.dataset as ds
 
 from orchestrator.commits import Markers, committed_files, shard_files
 from orchestrator.plan import IMPORTED
-from orchestrator.results.index import (HEADLINE_SCORER, SCORE_COLUMNS, Progress, build_index, latest_ledger,
-                                        summarize_progress)
+from orchestrator.results.index import (
+    HEADLINE_SCORER,
+    SCORE_COLUMNS,
+    Progress,
+    build_index,
+    latest_ledger,
+    summarize_progress,
+)
 from orchestrator.store import RunStore
 from schemas.layout import EXTRACT_MARKER, RUN_FILE, SHARD_TABLES, shard_of_file
 from schemas.tables import TABLES, check_version

@@ -8,7 +8,9 @@ and means count only defined scores (an undefined score is null and is left out,
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
+from typing import cast
 
 import matplotlib
 
@@ -33,7 +35,8 @@ def _done_scores(index: pa.Table) -> pa.Table:
 
 def plot_score_distribution(scores: list[float], path: Path, headline: str) -> None:
     fig, ax = plt.subplots(figsize=(6, 4))
-    ax.hist(scores, bins=np.linspace(-1, 1, 41), color="#2e8b57")
+    # matplotlib's stubs type `bins` as a Sequence[float], which an ndarray of edges is not (it works at run time)
+    ax.hist(scores, bins=cast(Sequence[float], np.linspace(-1, 1, 41)), color="#2e8b57")
     for t in THRESHOLDS:
         ax.axvline(t, color="#999", linestyle="--", linewidth=1)
     ax.set(xlabel=f"{headline} score", ylabel="neurons", title=f"Score distribution ({len(scores)} neurons)")

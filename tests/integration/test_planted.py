@@ -7,11 +7,11 @@ import pytest
 
 from schemas.config import Simulator as SimulatorConfig
 from schemas.config import SweepConfig
+from testing.stubs import RULES, RuleStubBackend, planted_neuron, pydoc_windows
 from workers.llm.backends.base import Capabilities
 from workers.method.neuron import explain_and_score
 from workers.method.scoring import correlation_score, split_records
 from workers.method.simulator import NeuronSimulator
-from testing.stubs import RULES, RuleStubBackend, planted_neuron, pydoc_windows
 
 MODES = {"prompt_logprob": Capabilities(chat=True, chat_logprobs=True, prompt_logprobs=True),
          "generated_logprob": Capabilities(chat=True, chat_logprobs=True),

@@ -5,13 +5,13 @@ import time
 
 import pytest
 
-from support.localnet import free_port, scrape
 from orchestrator.metrics import SweepMetrics
 from orchestrator.pipeline import run_sweep
 from orchestrator.results.reader import RunReader
 from orchestrator.store import RunStore
 from schemas.config import SweepConfig
 from schemas.layout import MARKERS_DIR
+from support.localnet import free_port, scrape
 from testing.instant import InstantRunnerFactory, prepare_synthetic_run
 
 pytestmark = pytest.mark.usefixtures("ray_local")

@@ -66,7 +66,7 @@ def assert_complete(store, planned=24):
         rows = table_rows(store, table, ["layer", "neuron"] + extra)
         assert len(rows) == len(set(rows)), f"duplicate rows in {table}"
     latest = {}
-    for layer, n, attempts, status in table_rows(store, "ledger", ["layer", "neuron", "attempts", "status"]):
+    for layer, n, _attempts, status in table_rows(store, "ledger", ["layer", "neuron", "attempts", "status"]):
         latest[(layer, n)] = (layer, n, status)  # sorted by attempts: the last one stays
     ledger = sorted(latest.values())
     assert len(ledger) == planned

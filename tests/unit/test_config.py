@@ -1,6 +1,7 @@
 import pytest
 import yaml
-from hypothesis import given, strategies as st
+from hypothesis import given
+from hypothesis import strategies as st
 
 from orchestrator.cli.app import build_config
 from orchestrator.plan import build_plan
@@ -52,7 +53,8 @@ def test_unknown_key_lists_allowed_keys():
 
 
 def test_checks_against_the_model():
-    with pytest.raises(ConfigError, match=r"layers: layer 99 is out of range; this model has 30 layers \(allowed: 0..29\)"):
+    with pytest.raises(ConfigError,
+                       match=r"layers: layer 99 is out of range; this model has 30 layers \(allowed: 0..29\)"):
         SweepConfig(layers="99").check_against_model(30, 1536, 8192)
     with pytest.raises(ConfigError, match=r"neurons: neuron 1536 is out of range.*allowed: 0..1535"):
         SweepConfig(neurons="1500-1536").check_against_model(30, 1536, 8192)

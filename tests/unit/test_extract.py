@@ -13,11 +13,30 @@ from workers.extract.collectors import ActivationCollector, CollectorSpec, Layer
 from workers.extract.corpus import iter_windows
 from workers.extract.errors import ExtractError
 from workers.extract.forward import ActivationExtractor
-from workers.extract.keys import (float_order_key, neuron_salts, quantile_bin_bounds, quantile_picks, quantile_picks_py,
-                                  quantile_priority_py, random_priorities, random_priority_py, random_sample,
-                                  random_sample_py)
-from workers.extract.sketch import (MIN_EXP, N_BUCKETS, RELATIVE_WIDTH, ZERO, QuantileSketch, bins_of_buckets,
-                                    bucket_bounds, bucket_of, bucket_of_py, sketch_picks_py)
+from workers.extract.keys import (
+    float_order_key,
+    neuron_salts,
+    quantile_bin_bounds,
+    quantile_picks,
+    quantile_picks_py,
+    quantile_priority_py,
+    random_priorities,
+    random_priority_py,
+    random_sample,
+    random_sample_py,
+)
+from workers.extract.sketch import (
+    MIN_EXP,
+    N_BUCKETS,
+    RELATIVE_WIDTH,
+    ZERO,
+    QuantileSketch,
+    bins_of_buckets,
+    bucket_bounds,
+    bucket_of,
+    bucket_of_py,
+    sketch_picks_py,
+)
 from workers.extract.worker import wants_compile
 
 SEED = 7

@@ -88,20 +88,39 @@ def test_a_long_queue_on_a_slow_model_fails_nothing(tiny):
     assert max(backend.stats.batch_sizes) == 2 and backend.stats.steps > 0  # never more in service than 2
 
 
+def test_work_slower_than_the_timeout_is_slow_not_hung(tiny):
+    """Every forward takes 0.3 s against a 0.05 s timeout: the timeout stretches by what the model's measured
+    speed predicts for each piece of work, so a slow machine answers everything."""
+    backend = LocalBackend(SlowModel(tiny.model, delay_s=0.3), tiny.tokenizer, name="slow")
+    events = []
+    client = LLMClient(backend, role="sim", timeout_s=0.05, max_retries=0, on_call=events.append)
+
+    async def run():
+        for name in ("a", "b", "c"):
+            await logprobs(client, name)
+        await client.chat([{"role": "user", "content": "explain"}], max_tokens=3)
+
+    asyncio.run(run())
+    assert [e.status for e in events] == ["ok"] * 4
+
+
 def test_a_hung_forward_times_out_and_what_waits_behind_it_fails_fast(tiny):
     gate = threading.Event()
+    gate.set()
     backend = LocalBackend(SlowModel(tiny.model, gate=gate), tiny.tokenizer, name="hung")
     client = LLMClient(backend, role="sim", timeout_s=0.5, max_retries=0)
     patient = LLMClient(backend, role="sim", timeout_s=60.0, max_retries=0)
 
     async def run():
+        await logprobs(patient, "warm up")  # the measured speed: a tiny model's forward should take milliseconds
+        gate.clear()  # from now on the model's forward hangs
         first = asyncio.ensure_future(logprobs(client, "first"))
         await asyncio.sleep(1.0)  # the forward hangs past its 0.5 s
         t0 = time.monotonic()
         with pytest.raises(TransientLLMError, match="fail until it returns") as behind:
             await logprobs(client, "behind")
         fast = time.monotonic() - t0
-        with pytest.raises(TransientLLMError, match="s of model work on this request") as hung:
+        with pytest.raises(TransientLLMError, match="one forward on this request ran") as hung:
             await first
         gate.set()  # the forward returns: the model serves again
         while backend.load()["in_forward"]:

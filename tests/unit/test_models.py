@@ -8,8 +8,17 @@ import torch
 
 from testing.models import tiny_model
 from workers.models import loading, registry
-from workers.models.loading import (MODEL_SOURCES_ENV, ModelLoadError, load_model, load_subject, load_tokenizer,
-                                    model_info, model_source, register_model_source, wrap)
+from workers.models.loading import (
+    MODEL_SOURCES_ENV,
+    ModelLoadError,
+    load_model,
+    load_subject,
+    load_tokenizer,
+    model_info,
+    model_source,
+    register_model_source,
+    wrap,
+)
 from workers.models.registry import architecture_of, down_proj_modules, mlp_split
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -24,7 +33,8 @@ def test_tiny_models_report_their_shape(kind):
 
 @pytest.mark.parametrize("kind", ["gpt2", "llama"])
 def test_down_proj_pre_hook_sees_the_neuron_activations(kind):
-    """The pre-hook input of the down projection is the MLP hidden activation (docs/method.md §1), recomputed here by hand."""
+    """The pre-hook input of the down projection is the MLP hidden activation (docs/method.md §1), recomputed here
+    by hand."""
     m = tiny_model(kind)
     seen = {}
     layer = 1
@@ -97,8 +107,8 @@ def test_the_mlp_split_computes_what_the_block_does(family, cfg_kw):
             assert split is None  # read through the pre-hook instead
             continue
         x = torch.randn(2, 3, model.config.hidden_size)
-        seen = []
-        hook = proj.register_forward_pre_hook(lambda m, args: seen.append(args[0]))
+        seen: list[torch.Tensor] = []
+        hook = proj.register_forward_pre_hook(lambda m, args, seen=seen: seen.append(args[0]))
         with torch.no_grad():
             want = split.module(x)
             acts = split.elementwise(*split.inputs(x))

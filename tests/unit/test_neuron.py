@@ -8,12 +8,20 @@ import pytest
 from schemas.config import ConfigError, SweepConfig
 from schemas.failures import FailureReason
 from schemas.tables import to_table
-from workers.llm.backends.base import (Capabilities, ChatResponse, LLMError, PermanentLLMError, RateLimitedError,
-                                       TransientLLMError, UnsupportedError, Usage)
+from testing.stubs import RuleStubBackend, ScriptedBackend, planted_neuron, pydoc_windows
+from workers.llm.backends.base import (
+    Capabilities,
+    ChatResponse,
+    LLMError,
+    PermanentLLMError,
+    RateLimitedError,
+    TransientLLMError,
+    UnsupportedError,
+    Usage,
+)
 from workers.method.neuron import explain_and_score
 from workers.method.scorers import SCORERS
 from workers.method.scorers.base import Scorer
-from testing.stubs import RuleStubBackend, ScriptedBackend, planted_neuron, pydoc_windows
 
 
 @pytest.fixture(scope="module")

@@ -1,10 +1,18 @@
 import pytest
 
-from orchestrator.plan import Shard, build_plan, config_diff, make_shards, prepare_run
+from orchestrator.plan import build_plan, config_diff, make_shards, prepare_run
 from orchestrator.store import RunStore
 from schemas.config import ConfigError, SweepConfig
-from schemas.layout import (EXTRACT_MARKER, marker_shard_id, records_file, records_file_range, shard_file_name,
-                            shard_marker, shard_of_file, table_file)
+from schemas.layout import (
+    EXTRACT_MARKER,
+    marker_shard_id,
+    records_file,
+    records_file_range,
+    shard_file_name,
+    shard_marker,
+    shard_of_file,
+    table_file,
+)
 
 SHAPE = {"name": "tiny-gpt2", "architecture": "gpt2", "n_layers": 2, "n_neurons": 64, "max_positions": 256}
 
@@ -13,7 +21,8 @@ def test_shards_cover_every_neuron_once_with_stable_ids():
     shards = make_shards([0, 3], list(range(10)), 4)
     assert [s.shard_id for s in shards] == ["L000-000000-000003", "L000-000004-000007", "L000-000008-000009",
                                             "L003-000000-000003", "L003-000004-000007", "L003-000008-000009"]
-    assert sorted((s.layer, n) for s in shards for n in s.neurons) == [(l, n) for l in (0, 3) for n in range(10)]
+    want = [(layer, n) for layer in (0, 3) for n in range(10)]
+    assert sorted((s.layer, n) for s in shards for n in s.neurons) == want
     assert make_shards([0, 3], list(range(10)), 4) == shards
 
 

@@ -4,8 +4,15 @@ from types import SimpleNamespace
 
 import pytest
 
-from orchestrator.progress import (Live, LocalEstimate, ProgressLines, ProgressReporter, SweepState,
-                                   calls_per_neuron, duration)
+from orchestrator.progress import (
+    Live,
+    LocalEstimate,
+    ProgressLines,
+    ProgressReporter,
+    SweepState,
+    calls_per_neuron,
+    duration,
+)
 from schemas.config import SweepConfig
 
 
@@ -42,19 +49,23 @@ def test_local_estimate_from_two_actors_measurements():
     assert LocalEstimate.from_stats(demo_config(), no_simulation_yet) is None
 
 
-def test_a_sweep_line_uses_the_estimate_until_enough_neurons_finished():
+def test_a_sweep_line_shows_the_estimate_or_else_the_rate_of_finished_neurons():
     now = [0.0]
     lines = ProgressLines(write=print, interval_s=30, clock=lambda: now[0])
     now[0] = 20.0
     assert lines.line() == "[    20s] starting"
-    lines.on_extract(SimpleNamespace(windows_done=512, windows_total=600, tokens_per_s=1234.4, eta_s=10.2))
+    lines.on_extract(SimpleNamespace(windows_done=0, windows_total=600, tokens_per_s=0.0, eta_s=None,
+                                     chunks_done=0, chunks_total=2))
+    assert lines.line() == "[    20s] extract 0/600 windows | chunk 1 of 2 running"
+    lines.on_extract(SimpleNamespace(windows_done=512, windows_total=600, tokens_per_s=1234.4, eta_s=10.2,
+                                     chunks_done=1, chunks_total=2))
     assert lines.line() == "[    20s] extract 512/600 windows | 1,234 tokens/s, ETA 10s"
     lines.on_sweep(SweepState(planned=12, done=1, tokens=61234, shards_queued=2, eta_s=200.0))
     now[0] = 80.0  # 60 s into the explain stage, 1 neuron finished: too few for a rate of its own
     assert lines.line() == ("[  1m20s] neurons 1/12: 1 done, 0 failed, 0 skipped | 1.0/min, ETA 3m20s | "
                             "61,234 tokens, $0.0000 | queue 2 shards")
-    lines.on_sweep(SweepState(planned=12, done=5, skipped=1, tokens=99000, shards_queued=1, eta_s=200.0))
-    now[0] = 200.0  # 180 s in, 6 finished: 2/min, 6 left -> 3 minutes
+    lines.on_sweep(SweepState(planned=12, done=5, skipped=1, tokens=99000, shards_queued=1))
+    now[0] = 200.0  # 180 s in, 6 finished: 2/min, 6 left -> 3 minutes (no model estimate: a remote API)
     assert lines.line() == ("[  3m20s] neurons 6/12: 5 done, 0 failed, 1 skipped | 2.0/min, ETA 3m00s | "
                             "99,000 tokens, $0.0000 | queue 1 shard")
 
@@ -64,15 +75,15 @@ def test_the_reporter_counts_neurons_finished_between_commits_and_announces_the_
     out = SimpleNamespace(is_terminal=False, print=lambda text, **_: printed.append(text))
     reporter = ProgressReporter(demo_config(), console=out, out=out, terminal=False)
     with reporter:
-        stats = [{"chats": 2, "chat_s": 4.0, "logprob_calls": 10, "logprob_s": 5.0}]
+        stats = [{"chats": 2, "chat_s": 4.0, "logprob_calls": 10, "logprob_s": 5.0, "busy_s": 30.0}]
         outcome = SimpleNamespace(planned=12, done=0, failed=0, skipped=0, prompt_tokens=10, completion_tokens=2,
                                   cost_usd=0.0, live=Live(done=2, failed=1, model_stats=stats, model_copies=1))
         reporter.on_progress(outcome)
         reporter.on_progress(outcome)
         state = reporter.lines.sweep
     assert (state.done, state.failed, state.planned, state.tokens) == (2, 1, 12, 12)
-    # 2 s per explanation + 20 x 0.5 s = 12 s per neuron, 9 left
-    assert state.eta_s == pytest.approx(9 * 12.0)
+    # 2 s per explanation + 20 x 0.5 s = 12 s per neuron; 12 neurons need 144 s, of which 30 s are done
+    assert state.eta_s == pytest.approx(12 * 12.0 - 30.0)
     assert [p for p in printed if p.startswith("local model")] == [
         "local model smollm2-135m: 0 prompt tokens/s; 2.0 s of model time per explanation, 0.50 s per simulation "
         "call -> about 12s per neuron, 1m48s for the 9 neurons left"]

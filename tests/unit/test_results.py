@@ -143,3 +143,18 @@ def test_reader_picks_up_shards_committed_while_it_runs(tmp_path):
     assert set(idx["layer"].to_pylist()) == {0, 1} and reader.version == version + 1
     assert reader.index() is idx  # nothing changed: not rebuilt
     assert finished.store.read_table("ledger").num_rows == 24
+
+
+def test_imported_rows_count_once_the_import_has_written_its_extraction_marker(tmp_path):
+    """An import writes its tables, then the extraction marker (last): the rows are committed by that marker."""
+    from orchestrator.store import RunStore
+    from schemas.layout import EXTRACT_MARKER, shard_file_name
+    from schemas.tables import to_table
+
+    store = RunStore.open(str(tmp_path / "run"), create=True)
+    store.write_table("ledger", to_table("ledger", [{"layer": 2, "neuron": 7, "status": "done", "shard_id": "imported",
+                                                     "updated_at": T0}]), shard_file_name("imported"), 2)
+    assert store.read_table("ledger").num_rows == 0 and RunReader(store).index().num_rows == 0
+    store.write_json(EXTRACT_MARKER, {"model": {"name": "imported", "n_layers": 3, "n_neurons": 8}})
+    assert store.read_table("ledger").column("neuron").to_pylist() == [7]
+    assert RunReader(store).index()["neuron"].to_pylist() == [7]

@@ -16,7 +16,8 @@ by `mask_nonfinite`.
 from __future__ import annotations
 
 import logging
-from typing import NamedTuple
+from collections.abc import Callable
+from typing import Any, NamedTuple
 
 import torch
 
@@ -43,7 +44,7 @@ class Summaries(NamedTuple):
     bottom_n_enter: torch.Tensor | None = None
 
 
-def window_reductions(x: torch.Tensor):
+def window_reductions(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """[B, T, N] activations -> per-window [B, N] float32: max, min, sum, sum of squares, count of tokens > 0.
     Every number is a reduction over T only, so that compiled they share one loop over x (a count over
     (B, T) at once was a second full read of x in Inductor's code). Counts are exact in float32 (T < 2**24)."""
@@ -158,7 +159,7 @@ def slice_rows(x: torch.Tensor) -> int:
 
 # Inductor computes a chain of elementwise ops in float32 and rounds once; eager PyTorch rounds after every op.
 # Emulating eager's roundings keeps compiled activations equal to the model's own, bit for bit in bf16.
-COMPILE_OPTIONS = {"emulate_precision_casts": True}
+COMPILE_OPTIONS: dict[str, str | int | bool | Callable[..., Any]] = {"emulate_precision_casts": True}
 
 
 def compile_or_eager(fn):
@@ -203,7 +204,8 @@ def fused_capture(kind: str, act: torch.nn.Module, compile: bool):
         rows = slice_rows(inputs[0]) if compile else b
         hs = [elementwise(*(t[i:i + rows] for t in inputs)) for i in range(0, b, rows)]
         h, reductions = _cat(hs), [_cat(list(r)) for r in zip(*map(window_reductions, hs))]
-        return (h, *batch_summaries(h.shape[1], *reductions, seq_ids, floor, bottom_floor))
+        wmax, wmin, s1, s2, npos_w = reductions
+        return (h, *batch_summaries(h.shape[1], wmax, wmin, s1, s2, npos_w, seq_ids, floor, bottom_floor))
     return compile_or_eager(capture) if compile else capture
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import io
 from collections.abc import Iterable
+from typing import Any, Protocol
 
 import torch
 
@@ -19,7 +20,27 @@ from schemas.layout import (
 from workers.extract.collectors import ActivationCollector
 
 
-def save_collector(store, slot: int, collector: ActivationCollector) -> None:
+class WorkerStore(Protocol):
+    """What the workers use of the run store: orchestrator/store.py's `RunStore` (not imported here: workers/
+    does not depend on orchestrator/)."""
+
+    @property
+    def fs(self) -> Any: ...  # a pyarrow.fs.FileSystem (pyarrow has no type information)
+
+    def path(self, *parts: str) -> str: ...
+
+    def exists(self, *parts: str) -> bool: ...
+
+    def list_files(self, prefix: str) -> list[str]: ...
+
+    def read_json(self, rel: str) -> Any: ...
+
+    def write_json(self, rel: str, obj: Any) -> None: ...
+
+    def write_bytes(self, rel: str, data: bytes) -> None: ...
+
+
+def save_collector(store: WorkerStore, slot: int, collector: ActivationCollector) -> None:
     """One file per layer under a fresh generation folder, then the head document that points at it (the
     commit point), then the old generation is removed. A crash at any moment leaves a readable checkpoint."""
     gen = collector.n_windows
@@ -35,22 +56,25 @@ def save_collector(store, slot: int, collector: ActivationCollector) -> None:
             pass  # a leftover folder is harmless: only the head's generation is ever read
 
 
-def read_head(store, slot: int) -> dict | None:
+def read_head(store: WorkerStore, slot: int) -> dict | None:
     rel = checkpoint_head(slot)
     return store.read_json(rel) if store.exists(rel) else None
 
 
-def slot_heads(store) -> dict[int, dict]:
+def slot_heads(store: WorkerStore) -> dict[int, dict]:
     """Every checkpoint slot's head document: which chunks its saved collector covers."""
-    heads = {}
+    heads: dict[int, dict] = {}
     for path in store.list_files(CHECKPOINTS_DIR):
         if path.endswith("/head.json"):
             slot = checkpoint_head_slot(path)
-            heads[slot] = read_head(store, slot)
+            head = read_head(store, slot)
+            assert head is not None  # its head.json was just listed, so read_head found it
+            heads[slot] = head
     return heads
 
 
-def load_collector(store, slot: int, collector: ActivationCollector, layers: Iterable[int] | None = None) -> bool:
+def load_collector(store: WorkerStore, slot: int, collector: ActivationCollector,
+                   layers: Iterable[int] | None = None) -> bool:
     """Fill `collector` from the slot's checkpoint; False when there is none."""
     head = read_head(store, slot)
     if head is None:
@@ -62,7 +86,7 @@ def load_collector(store, slot: int, collector: ActivationCollector, layers: Ite
     return True
 
 
-def load_layer_state(store, slot: int, gen: int, layer: int) -> dict:
+def load_layer_state(store: WorkerStore, slot: int, gen: int, layer: int) -> dict:
     """One layer's collector state (`LayerCollector.state_dict`) of a slot's checkpoint generation."""
     return tensor_load(read_bytes(store, checkpoint_layer_file(slot, gen, layer)))
 
@@ -77,6 +101,6 @@ def tensor_load(data: bytes):
     return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
 
 
-def read_bytes(store, rel: str) -> bytes:
+def read_bytes(store: WorkerStore, rel: str) -> bytes:
     with store.fs.open_input_stream(store.path(rel)) as f:
         return f.read()

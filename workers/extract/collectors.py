@@ -35,6 +35,9 @@ from workers.extract.errors import ExtractError
 from workers.extract.keys import INT64_MIN, random_sample, seq_ids_of
 from workers.extract.sketch import QuantileSketch
 
+# A layer's random records in a batch: (neuron, rank, batch index) tensors (`ActivationCollector._random_hits`)
+RandomHits = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
+
 PLACEHOLDER_END = INT64_MIN + 2 ** 24  # empty reservoir slots hold distinct keys below this; real keys are above
 
 
@@ -86,6 +89,7 @@ class TopReservoir:
         if enter is None:
             enter = cand >= self.floor
             n_enter = enter.sum(1)
+        assert n_enter is not None  # callers pass it with `enter`, else it was computed just above
         if not bool(n_enter.any()):
             return
         if bool((n_enter > self.n_free).any()) or int(n_enter.sum()) > self.FLOOD * cand.shape[0]:
@@ -263,7 +267,8 @@ class LayerCollector:
         `window_summaries`."""
         return self.top.floor, self.bottom.floor if self.bottom.k else None
 
-    def update(self, x: torch.Tensor, seq_ids: torch.Tensor, summarize=window_summaries, random_hits=None,
+    def update(self, x: torch.Tensor, seq_ids: torch.Tensor, summarize=window_summaries,
+               random_hits: RandomHits | None = None,
                summaries: Sequence[torch.Tensor] | None = None) -> None:
         """x [B, T, N]: this layer's neuron activations on a batch of windows with the given seq ids.
         `random_hits`: (neuron, rank, batch index) of this layer's random records in the batch (looked up by
@@ -279,6 +284,7 @@ class LayerCollector:
         self.stats.update(x.shape[0] * x.shape[1], s, None if nonfinite is None else nonfinite.per_neuron)
         self.top.offer(s.keys, x, s.enter, s.n_enter)
         if self.bottom.k:
+            assert s.bottom_keys is not None  # floors() gave a bottom floor, so the summaries have bottom keys
             self.bottom.offer(s.bottom_keys, x, s.bottom_enter, s.bottom_n_enter)
         if random_hits is not None and random_hits[0].numel():
             self.random.fill(*random_hits, x)
@@ -291,6 +297,7 @@ class LayerCollector:
         self.random.merge(other.random)
         self.stats.merge(other.stats)
         if self.quantiles is not None:
+            assert other.quantiles is not None  # mergeable collectors share one spec, so both have a sketch
             self.quantiles.merge(other.quantiles)
 
     def state_dict(self) -> dict:
@@ -340,8 +347,8 @@ class LayerCollector:
         keys, acts, filled = reservoir.sorted()
         if filled == 0:
             return None
-        keys, acts = keys[:, :filled].cpu(), acts[:, :filled].float().cpu().numpy()
-        return _rows(seq_ids_of(keys).numpy(), acts)
+        keys, acts_np = keys[:, :filled].cpu(), acts[:, :filled].float().cpu().numpy()
+        return _rows(seq_ids_of(keys).numpy(), acts_np)
 
     def _random_rows(self) -> dict | None:
         if self.random.seq.shape[1] == 0:
@@ -423,7 +430,7 @@ class ActivationCollector:
         self.done_chunks: set[int] = set()
         self.n_windows = 0
         self._hits_for: torch.Tensor | None = None
-        self._hits: dict[int, tuple] = {}
+        self._hits: dict[int, RandomHits] = {}
         self._index: tuple | None = None
 
     def update(self, layer: int, x: torch.Tensor, seq_ids: torch.Tensor,
@@ -436,7 +443,7 @@ class ActivationCollector:
         """A layer's top and bottom entry floors (`LayerCollector.floors`)."""
         return self.layers[layer].floors()
 
-    def _random_hits(self, seq_ids: torch.Tensor) -> dict[int, tuple]:
+    def _random_hits(self, seq_ids: torch.Tensor) -> dict[int, RandomHits]:
         """Every layer's random records that fall in this batch, found with one lookup for all layers."""
         if self.spec.n_random == 0 or not self.layers:
             return {}

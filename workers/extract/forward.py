@@ -34,7 +34,7 @@ class ActivationExtractor:
         self.device = next(loaded.model.parameters()).device
         self._seq_ids: torch.Tensor | None = None
         self._hooks, self._patched = [], []
-        self._shape = (0, 0)
+        self._shape: tuple[int, ...] = (0, 0)  # the batch's token_ids shape (B, T)
         captures = {} if captures is None else captures
         last = max(collector.layers)
         if units is not None:

@@ -11,16 +11,27 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
 from schemas.layout import QUANTILE_PICKS, quantile_chunk_done, quantile_chunk_layer_file, sequences_part, table_file
 from workers.extract.capture import compiled_summaries, window_summaries
-from workers.extract.checkpoint import load_collector, read_bytes, save_collector, tensor_bytes, tensor_load
+from workers.extract.checkpoint import (
+    WorkerStore,
+    load_collector,
+    read_bytes,
+    save_collector,
+    tensor_bytes,
+    tensor_load,
+)
 from workers.extract.collectors import ActivationCollector, CollectorSpec, LayerCapture
 from workers.extract.forward import ActivationExtractor
 from workers.units.source import worker_units
+
+if TYPE_CHECKING:
+    from workers.models.loading import LoadedModel
 
 
 def wants_compile(spec: CollectorSpec, device) -> bool:
@@ -29,7 +40,7 @@ def wants_compile(spec: CollectorSpec, device) -> bool:
     return torch.device(device).type == "cuda" or spec.n_neurons * len(spec.layers) >= 8192
 
 
-def read_chunk(store, chunk: int) -> tuple[torch.Tensor, torch.Tensor]:
+def read_chunk(store: WorkerStore, chunk: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(token ids [n, T], seq ids [n]) of one corpus chunk, from the run's sequences table."""
     import pyarrow.parquet as pq
 
@@ -67,13 +78,13 @@ class ExtractWorker:
     at-least-once delivery of `process` calls still counts every window exactly once."""
     model_name: str
     spec: CollectorSpec
-    store: object
+    store: WorkerStore
     slot: int
     batch_size: int = 32
     dtype: str = "auto"
     device: str = "auto"
     compile: bool | None = None  # None: `wants_compile`
-    loaded: object = field(default=None, repr=False)
+    loaded: LoadedModel | None = field(default=None, repr=False)  # None: loaded by __post_init__
     _picks: dict | None = field(default=None, init=False, repr=False)
     _captures: dict = field(default_factory=dict, init=False, repr=False)
 
@@ -119,6 +130,7 @@ class ExtractWorker:
         bs = self.batch_size
         batches = sorted({int(b) for w in wanted.values() for b in (w[3] // bs).tolist()})
         # the first pass's computation (same fused or hooked path, same compiled functions), so bit-equal output
+        assert self.loaded is not None and self.compile is not None  # both set by __post_init__
         capture = LayerCapture(self._picks, self.spec.n_neurons, next(self.loaded.model.parameters()).device,
                                bottom=self.spec.bottom_k > 0)
         extractor = ActivationExtractor(self.loaded, capture, self.compile, self._captures, self.units)

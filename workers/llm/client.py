@@ -17,20 +17,40 @@ from __future__ import annotations
 import asyncio
 import random
 import time
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
-from typing import Awaitable, Callable, Mapping
+from typing import cast
 
 from tenacity import AsyncRetrying, retry_if_exception, stop_after_attempt, wait_random_exponential
 
 from schemas.config import Backend
 from schemas.failures import FailureReason
-from workers.llm.backends.base import (Capabilities, ChatResponse, LLMBackend, LLMError, PermanentLLMError,
-                                   PromptLogprobsResponse, RateLimitedError, TokensResponse, TransientLLMError,
-                                   UnsupportedError, Usage)
+from workers.llm.backends.base import (
+    BranchingBackend,
+    Capabilities,
+    ChatResponse,
+    LLMBackend,
+    LLMError,
+    PermanentLLMError,
+    PromptLogprobsResponse,
+    RateLimitedError,
+    TokensResponse,
+    TransientLLMError,
+    UnsupportedError,
+    Usage,
+)
 from workers.llm.journal import CallJournal, endpoint_of, request_key
 from workers.llm.ratelimit import LimiterClient, estimate_tokens, in_process_limiter, ray_limiter
 from workers.llm.redact import redact_url
 from workers.llm.service import REQUEST_TIMEOUT_S
+
+
+@dataclass
+class SharedCall:
+    """A request in flight and how many callers await it: the last one to leave cancels it."""
+    task: asyncio.Future
+    waiters: int = 0
+
 
 DEFAULT_RETRY_AFTER_S = 1.0  # a 429 without any Retry-After/x-ratelimit-reset header
 
@@ -83,7 +103,7 @@ class LLMClient:
         self._sleep = sleep
         self._concurrency = concurrency
         self._semaphores: dict[asyncio.AbstractEventLoop, asyncio.Semaphore] = {}
-        self._inflight: dict[str, asyncio.Future] = {}
+        self._inflight: dict[str, SharedCall] = {}
         self._queues = bool(getattr(backend, "queues_requests", False))
 
     # --- the LLMBackend protocol ------------------------------------------------------------------------------
@@ -117,8 +137,9 @@ class LLMClient:
         if branch is None:  # a request without a branch keeps the key it had before branches existed
             return await self._request(request, estimate_tokens(prompt) + 1,
                                        lambda: self.backend.prompt_logprobs(prompt, offsets, top_k=top_k))
+        branching = cast(BranchingBackend, self.backend)  # the simulator asks for a branch only with prompt_branches
         return await self._request({**request, "branch": branch}, estimate_tokens(prompt) + len(offsets) + 1,
-                                   lambda: self.backend.prompt_logprobs(prompt, offsets, top_k=top_k, branch=branch))
+                                   lambda: branching.prompt_logprobs(prompt, offsets, top_k=top_k, branch=branch))
 
     async def tokenize(self, text: str) -> list[str]:
         """The backend's tokens of `text`. An endpoint answers it with a paid echo call, so it goes through the
@@ -150,19 +171,24 @@ class LLMClient:
         # The call runs in a task of its own that every caller of the same request awaits (shielded): the
         # cancellation of one caller (its neuron's deadline) never reaches the others. The last caller to
         # leave cancels the call.
-        task = self._inflight.get(key)
-        if task is None:
-            task = self._inflight[key] = asyncio.ensure_future(self._with_retries(key, reserve_tokens, call))
-            task.waiters = 0
-            task.add_done_callback(lambda t: self._inflight.pop(key) if self._inflight.get(key) is t else None)
-        task.waiters += 1
+        shared = self._inflight.get(key)
+        if shared is None:
+            shared = SharedCall(asyncio.ensure_future(self._with_retries(key, reserve_tokens, call)))
+            self._inflight[key] = shared
+            this = shared
+
+            def forget(_task: asyncio.Future) -> None:
+                if self._inflight.get(key) is this:
+                    self._inflight.pop(key)
+            shared.task.add_done_callback(forget)
+        shared.waiters += 1
         try:
-            return await asyncio.shield(task)
+            return await asyncio.shield(shared.task)
         finally:
-            task.waiters -= 1
-            if task.waiters == 0 and not task.done():
-                self._inflight.pop(key)  # a new caller must not join a call being cancelled
-                task.cancel()
+            shared.waiters -= 1
+            if shared.waiters == 0 and not shared.task.done():
+                self._inflight.pop(key, None)  # a new caller must not join a call being cancelled
+                shared.task.cancel()
 
     async def _with_retries(self, key: str, reserve_tokens: int, call: Callable[[], Awaitable]):
         retrying = AsyncRetrying(stop=stop_after_attempt(self.max_retries + 1), wait=self._wait,
@@ -194,7 +220,8 @@ class LLMClient:
         if semaphore is not None:
             await semaphore.acquire()
         try:
-            permit = await self.limiter.acquire(reserve_tokens) if self.limiter else None
+            limiter = self.limiter
+            permit = await limiter.acquire(reserve_tokens) if limiter else None
             waited = permit.waited_s if permit else 0.0
             start = time.monotonic()
             try:
@@ -209,11 +236,11 @@ class LLMClient:
             except BaseException as e:
                 latency = time.monotonic() - start
                 err = self._as_llm_error(e)
-                if permit is not None:
+                if permit is not None and limiter is not None:
                     # a refused request used no tokens; for other failures assume the reservation was spent
-                    self.limiter.settle(permit, 0 if isinstance(err, RateLimitedError) else permit.tokens)
+                    limiter.settle(permit, 0 if isinstance(err, RateLimitedError) else permit.tokens)
                     if isinstance(err, RateLimitedError):
-                        await self.limiter.throttled(err.retry_after_s or DEFAULT_RETRY_AFTER_S)
+                        await limiter.throttled(err.retry_after_s or DEFAULT_RETRY_AFTER_S)
                 if err is None:
                     raise
                 final = not err.retryable or attempt_no > self.max_retries
@@ -223,8 +250,8 @@ class LLMClient:
                     raise
                 raise err from None
             latency = time.monotonic() - start
-            if permit is not None:
-                self.limiter.settle(permit, response.usage.prompt_tokens + response.usage.completion_tokens)
+            if permit is not None and limiter is not None:
+                limiter.settle(permit, response.usage.prompt_tokens + response.usage.completion_tokens)
         finally:
             if semaphore is not None:
                 semaphore.release()

@@ -18,8 +18,9 @@ import asyncio
 import math
 import time
 import weakref
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable, Protocol
+from typing import Protocol
 
 
 @dataclass
@@ -144,7 +145,7 @@ class AsyncLimiter:
 
     def __init__(self, limiter: RateLimiter):
         self.limiter = limiter
-        self._locks: "weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, asyncio.Lock]" = weakref.WeakKeyDictionary()
+        self._locks: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, asyncio.Lock] = weakref.WeakKeyDictionary()
 
     def _lock(self) -> asyncio.Lock:
         loop = asyncio.get_running_loop()
@@ -268,7 +269,7 @@ class LimiterClient:
         self.lease_requests = lease_size(requests_per_minute, lease_s, max_lease)
         self.requests = 0
         self.tokens = 0.0
-        self._locks: "weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, asyncio.Lock]" = weakref.WeakKeyDictionary()
+        self._locks: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, asyncio.Lock] = weakref.WeakKeyDictionary()
 
     def _lock(self) -> asyncio.Lock:
         loop = asyncio.get_running_loop()

@@ -6,11 +6,12 @@ that time things:
 
 - `REQUEST_TIMEOUT_S`: the LLM client's per-request timeout, handed to a backend that queues requests itself
   (`queues_requests = True`, the local backend). Such a backend applies it to the model's own work on the
-  request (the forwards that include it), not to its wait in the queue; the client does not wrap the call in
-  a timeout of its own.
+  request (each forward or step that includes it, stretched by the measured speed), not to its wait in the
+  queue; the client does not wrap the call in a timeout of its own.
 - `CURRENT_CLOCK`: a `NeuronClock` per neuron (set by `run_within`). The backend reports each of the
   neuron's calls as queued / in service / finished; the clock counts the wall time during which the neuron
-  had calls queued and none in service. `run_within` charges a neuron its wall time less that wait, so
+  had calls queued and none in service (a generating row between its steps counts as queued). `run_within`
+  charges a neuron its wall time less that wait, so
   `neuron_deadline_s` measures work and still catches a neuron whose calls never end (time in service, in a
   remote call, in a retry's back-off or in the method's own code all counts).
 """

@@ -66,7 +66,8 @@ async def explain_and_score(records: NeuronRecords, explainer: LLMBackend, simul
     except ValueError as e:
         result.error, result.reason = f"{where}: {e}", FailureReason.RECORDS
         return result
-    explain, simulate, judge_spent = NeuronExplainer(explainer, cfg.explainer), None, []
+    explain, simulate = NeuronExplainer(explainer, cfg.explainer), None
+    judge_spent: list[Usage] = []
     try:
         simulate = NeuronSimulator(simulator, cfg.simulator)
         await _run(records, splits, explain, simulate, scorers, cfg, embedder, result, judge_spent)
@@ -88,12 +89,13 @@ async def _run(records: NeuronRecords, splits: dict, explain: NeuronExplainer, s
     failed = [c for c in candidates if c.text is None]
     result.failed_candidates = [f"candidate {c.index}: {c.error}" for c in failed]
     good = [c for c in candidates if c.text is not None]
+    texts: list[str] = [c.text for c in candidates if c.text is not None]  # good[i]'s explanation
     if not good:
         raise ExplanationFailed.from_candidates(failed)
 
     calibration = splits["calibration"]
     needs_simulation = any(s.needs_simulation for s in scorers)
-    cal_sims = (await asyncio.gather(*(simulate.simulate(c.text, [r.tokens for r in calibration]) for c in good))
+    cal_sims = (await asyncio.gather(*(simulate.simulate(text, [r.tokens for r in calibration]) for text in texts))
                 if needs_simulation or len(good) > 1 else [])
     cal_scores = [correlation_score([r.activations for r in calibration], s.values) for s in cal_sims]
     best = 0
@@ -109,12 +111,12 @@ async def _run(records: NeuronRecords, splits: dict, explain: NeuronExplainer, s
                 "prompt_tokens": c.usage.prompt_tokens, "completion_tokens": c.usage.completion_tokens,
                 "created_at": now})
 
-    ctx = ScoreContext(explanation=chosen.text, records=records, splits=splits, cfg=cfg,
+    ctx = ScoreContext(explanation=texts[best], records=records, splits=splits, cfg=cfg,
                        seed=neuron_seed(cfg, records.layer, records.neuron), simulator=simulate,
                        judge=simulate.backend, embedder=embedder, spent=spent,
                        candidate_scores={str(c.index): s for c, s in zip(good, cal_scores)})
     if needs_simulation:
-        ctx.valid_simulation = await simulate.simulate(chosen.text, [r.tokens for r in splits["valid"]])
+        ctx.valid_simulation = await simulate.simulate(texts[best], [r.tokens for r in splits["valid"]])
         ctx.calibration_simulation = cal_sims[best]
 
     base = {"layer": records.layer, "neuron": records.neuron, "candidate": chosen.index,

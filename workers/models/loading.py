@@ -24,8 +24,15 @@ from pathlib import Path
 import torch
 
 from workers.models import MODEL_SOURCES_ENV
-from workers.models.registry import (MlpSplit, ModelLoadError, architecture_of, down_proj_modules, max_positions_of,
-                                     mlp_split, mlp_width)
+from workers.models.registry import (
+    MlpSplit,
+    ModelLoadError,
+    architecture_of,
+    down_proj_modules,
+    max_positions_of,
+    mlp_split,
+    mlp_width,
+)
 
 DEFAULT_MODEL = "smollm2-135m"
 DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"

@@ -9,8 +9,12 @@ from pathlib import Path
 
 import pyarrow.compute as pc
 
-from orchestrator.results.interchange.openai_layout import (EXPLANATIONS_DIR, RECORDS_DIR, neuron_record,
-                                                            simulation_results)
+from orchestrator.results.interchange.openai_layout import (
+    EXPLANATIONS_DIR,
+    RECORDS_DIR,
+    neuron_record,
+    simulation_results,
+)
 from orchestrator.results.reader import RunReader, read_all
 from orchestrator.store import RunStore
 
@@ -47,7 +51,7 @@ def export_openai(store: RunStore, out_dir: str | Path) -> ExportSummary:
         layer_rows = records.filter(pc.equal(records["layer"], layer)).to_pylist()
         for neuron, rows in sorted(_by_neuron(layer_rows).items()):
             by_kind: dict[str, list] = {}
-            true_by_seq = {}
+            true_by_seq: dict[int, list[float]] = {}
             for r in rows:
                 by_kind.setdefault(r["kind"], []).append({**r, "tokens": tokens[r["seq_id"]]})
                 true_by_seq.setdefault(r["seq_id"], r["activations"])
@@ -56,7 +60,8 @@ def export_openai(store: RunStore, out_dir: str | Path) -> ExportSummary:
             summary.neurons += 1
             expl = expl_by.get((layer, neuron))
             if expl:
-                score = (score_by.get((layer, neuron)) or [None])[0]
+                neuron_scores = score_by.get((layer, neuron))
+                score = neuron_scores[0] if neuron_scores else None
                 scored = _scored_records(score, tokens, true_by_seq) if score and score.get("simulated") else []
                 doc = simulation_results(layer, neuron, expl, score, scored)
                 summary.files.append(_write_json(out / EXPLANATIONS_DIR / str(layer) / f"{neuron}.jsonl", doc))

@@ -9,10 +9,10 @@ import hashlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from orchestrator.plan import IMPORTED
-from orchestrator.results.interchange.openai_layout import (EXPLANATIONS_DIR, RECORDS_DIR, SIMULATED_SCALE,
-                                                            json_float)
+from orchestrator.results.interchange.openai_layout import EXPLANATIONS_DIR, RECORDS_DIR, SIMULATED_SCALE, json_float
 from orchestrator.store import RunStore
 from schemas.layout import EXTRACT_MARKER, records_file, shard_file_name
 from schemas.tables import to_table
@@ -73,7 +73,9 @@ def import_openai(src: str | Path, store: RunStore, *, n_layers: int | None = No
     now = dt.datetime.now(dt.timezone.utc)
     max_neuron, top_k, n_random = -1, 0, 0
     for layer, layer_dir in _numbered(rec_dir):
-        rec_rows, stat_rows, kinds = [], [], {}
+        rec_rows: list[dict[str, Any]] = []
+        stat_rows: list[dict[str, Any]] = []
+        kinds: dict[int, dict[str, list[int]]] = {}
         for neuron, path in _numbered(layer_dir):
             doc = json.loads(path.read_text())
             bins = doc.get("random_sample_by_quantile") or []
@@ -167,7 +169,11 @@ def valid_kinds(top: list[int], random: list[int], scored: list[int]) -> list[st
 def _score_row(layer, neuron, sim: dict, seqs: list[dict], windows: _Windows, kinds: dict, true: dict) -> dict:
     """A correlation `scores` row from a ScoredSimulation. The top/random parts are recomputed from the scored
     records (see `valid_kinds`)."""
-    seq_ids, simulated, per, trues, parts = [], [], [], [], {"top": ([], []), "random": ([], [])}
+    seq_ids: list[int] = []
+    simulated: list[list[float]] = []
+    per: list[float | None] = []
+    trues: list[list[float]] = []
+    parts: dict[str, tuple[list[list[float]], list[list[float]]]] = {"top": ([], []), "random": ([], [])}
     scored_kinds = valid_kinds(kinds.get("top", []), kinds.get("random", []),
                                [windows.id_of(s["simulation"]["tokens"]) for s in seqs])
     for s, kind in zip(seqs, scored_kinds):

@@ -39,7 +39,7 @@ def neuron_record(layer: int, neuron: int, records: dict[str, list[dict]], stats
         return [activation_record(r["tokens"], r["activations"]) for r in sorted(records.get(kind, []),
                                                                                   key=lambda r: r["rank"])]
     quantile = sorted(records.get("quantile", []), key=lambda r: r["rank"])
-    bins = None
+    bins: list[list[dict]] | None = None
     if quantile:
         bins = [[] for _ in range(max(r["rank"] for r in quantile) // n_per_quantile + 1)]
         for r in quantile:
@@ -64,7 +64,7 @@ def simulation_results(layer: int, neuron: int, explanations: list[dict], score:
                    ev_correlation_score=json_float(r["per_sequence"]), rsquared_score=None,
                    absolute_dev_explained_score=None)
 
-    out = []
+    out: list[dict] = []
     for e in sorted(explanations, key=lambda e: (not e.get("selected"), e.get("candidate") or 0)):
         first = not out and e.get("selected", True)
         simulation = _dc("ScoredSimulation",

@@ -5,7 +5,7 @@ edge (the CLI passes `os.environ`); nothing below reads `os.environ` itself.
 """
 from __future__ import annotations
 
-from typing import Mapping
+from collections.abc import Mapping
 
 from schemas.config import Backend
 from workers.llm.backends.base import LLMBackend

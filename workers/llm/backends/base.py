@@ -14,7 +14,7 @@ class Usage:
     prompt_tokens: int = 0
     completion_tokens: int = 0
 
-    def __add__(self, other: "Usage") -> "Usage":
+    def __add__(self, other: Usage) -> Usage:
         return Usage(self.prompt_tokens + other.prompt_tokens, self.completion_tokens + other.completion_tokens)
 
 
@@ -108,9 +108,16 @@ class UnsupportedError(PermanentLLMError):
 
 @runtime_checkable
 class LLMBackend(Protocol):
-    provider: str  # "local", "openai", ... (a metrics label)
-    model: str
-    capabilities: Capabilities
+    # read-only properties, so that wrappers (LLMClient) which forward them from the backend they wrap also
+    # satisfy the contract; a plain attribute on a backend satisfies a read-only property too
+    @property
+    def provider(self) -> str: ...  # "local", "openai", ... (a metrics label)
+
+    @property
+    def model(self) -> str: ...
+
+    @property
+    def capabilities(self) -> Capabilities: ...
 
     async def chat(self, messages: list[dict], *, max_tokens: int, temperature: float = 0.0,
                    top_logprobs: int | None = None, seed: int | None = None) -> ChatResponse: ...
@@ -122,3 +129,12 @@ class LLMBackend(Protocol):
     # `async tokenize(text) -> list[str]`, the strings of the tokens its model reads `text` as.
 
     async def aclose(self) -> None: ...
+
+
+@runtime_checkable
+class BranchingBackend(Protocol):
+    """A backend with `Capabilities.prompt_branches`: prompt logprobs that also return, per offset, the next-token
+    top-k after the branch token (the local backend; docs/method.md §5, the value 10)."""
+
+    async def prompt_logprobs(self, prompt: str, offsets: list[int], *, top_k: int,
+                              branch: str | None = None) -> PromptLogprobsResponse: ...

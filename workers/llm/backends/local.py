@@ -1,9 +1,11 @@
 """An in-process Hugging Face causal LM as explainer/simulator: the offline default, no server, no key.
 
 The backend is a scheduler in front of one model. An in-process model has a queue and a service rate, not a
-network timeout: requests wait their turn, a request's timeout counts only the model's own work on it, and no
-more requests are in service at once than the model batches (`max_batch`), so a slow machine is slow, never
-failing (workers/llm/service.py says how the client and the neuron deadline take part).
+network timeout: requests wait their turn, and no more requests are in service at once than the model batches
+(`max_batch`). A request's timeout applies to each piece of the model's work on it (a forward or a generation
+step), stretched by four times what the model's measured speed predicts for that piece, never to its wait: a
+slow machine is slow, never failing, and a hung forward is still caught (workers/llm/service.py says how the
+client and the neuron deadline take part).
 
 - `chat`: the tokenizer's chat template (ChatML when it has none), then generation with top logprobs per token.
   Chat requests are generated together (continuous batching, workers/llm/backends/decode.py): a request's
@@ -34,6 +36,7 @@ import inspect
 import random
 import threading
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -61,7 +64,7 @@ class _Request:
     timeout_s: float | None  # for the model's work on it (REQUEST_TIMEOUT_S), not its wait
     clock: NeuronClock | None  # its neuron's clock (CURRENT_CLOCK), told when it is queued / in service / done
     state: str = "queued"  # queued -> serving -> done
-    served_s: float = 0.0  # seconds of model work that included it
+    served_s: float = 0.0  # seconds of model work that included it (for the record: no timeout sums these)
     model_s: float = 0.0  # its share of that work (a unit's time split evenly among its requests)
 
 
@@ -98,7 +101,7 @@ class _Unit:
     """The piece of work the model is doing now."""
     requests: list[_Request]
     started: float
-    limit_s: float | None  # past this the model counts as stuck (the longest time any of its requests had left)
+    slack_s: float  # what it may take beyond its requests' timeouts, from its size and the measured speed
     handle: asyncio.TimerHandle | None = None
 
 
@@ -112,6 +115,7 @@ class LocalStats:
     forward_tokens: int = 0  # of model_tokens: prompt tokens (prompt-logprobs forwards, chat prompts)
     forward_s: float = 0.0  # of busy_s: the time of those
     steps: int = 0  # generation steps
+    step_s: float = 0.0  # and their time
     step_rows: int = 0  # rows summed over steps (rows / steps = mean generation batch)
     requests: int = 0  # requests answered
     chats: int = 0  # of those: chat requests, and their share of the model's time
@@ -171,16 +175,16 @@ def token_positions(offset_mapping: list[tuple[int, int]], prompt_len: int, offs
             continue
         if off < 0 or off > prompt_len:
             raise PermanentLLMError(f"offset {off} is outside the prompt (0..{prompt_len})")
-        i = starts.get(off)
-        if i is None:
+        token = starts.get(off)
+        if token is None:
             inside = next(((s, e, j) for s, e, j in spans if s < off < e), None)
             where = f" falls inside the token {tokens[inside[2]]!r} at characters {inside[0]}-{inside[1]}" \
                 if inside else " is not at a token start"
             raise PermanentLLMError(f"offset {off}{where}; prompt-logprob offsets must be token starts in this "
                                     f"model's tokenization")
-        if i == 0:
+        if token == 0:
             raise PermanentLLMError(f"offset {off} is the prompt's first token: nothing before it predicts it")
-        rows.append(i - 1)
+        rows.append(token - 1)
     return rows
 
 
@@ -205,7 +209,8 @@ class LocalBackend:
         self.min_prefix_tokens = min_prefix_tokens
         self.stats = LocalStats()
         self._device = next(model.parameters()).device
-        self._n_layers = int(model.config.num_hidden_layers)
+        config: Any = model.config
+        self._n_layers = int(config.num_hidden_layers)
         # generation rows hold their keys/values in one buffer: admit rows while it stays within the budget
         self._kv_budget_tokens = int(kv_budget_mb * 2**20 / _kv_bytes_per_token(model))
         self._stop_ids = _stop_ids(model, tokenizer)
@@ -216,7 +221,7 @@ class LocalBackend:
         self._recent_chat: list[int] = []
         self._token_str: dict[int, str] = {}
         self._engine: asyncio.Task | None = None
-        self._wake: asyncio.Event | None = None
+        self._wake = asyncio.Event()
         self._waiting: list[_Request] = []
         self._batch = DecodeBatch(self._n_layers)
         self._unit: _Unit | None = None
@@ -326,6 +331,12 @@ class LocalBackend:
             if request.clock is not None:
                 request.clock.move(queued=-1, serving=1)
 
+    def _pause_service(self, request: _Request) -> None:
+        if request.state == "serving" and not request.future.done():
+            request.state = "queued"
+            if request.clock is not None:
+                request.clock.move(queued=1, serving=-1)
+
     async def _run_engine(self) -> None:
         try:
             while True:
@@ -374,19 +385,19 @@ class LocalBackend:
     async def _serve_generation(self) -> None:
         gone = {id(r) for r in self._batch.rows if r.future.done()}  # timed out or cancelled: leave the batch
         admissible = self._admissions()
-        if admissible:  # one joining prompt per unit: a request is timed for its own prompt, not for others'
+        if admissible:  # one joining prompt per unit: the rows already generating wait one prompt at a time
             joining = admissible[0]
             self._waiting.remove(joining)
             others = [r.ids for r in admissible[1:]]
-            served, work, prompt_work = [joining], (lambda: self._join(joining, others, gone)), True
+            served, work, tokens = [joining], (lambda: self._join(joining, others, gone)), len(joining.ids)
         else:
             served = [r for r in self._batch.rows if id(r) not in gone]
             if not served:
                 self._batch.remove(gone)  # nothing left to compute: no copies
                 return
-            served, work, prompt_work = served, (lambda: self._step(gone)), False
+            served, work, tokens = served, (lambda: self._step(gone)), len(served)
         try:
-            finished = await self._serve(served, work, "generate", prompt_work=prompt_work)
+            finished = await self._serve(served, work, "generate", tokens=tokens, prompt_work=bool(admissible))
         except Exception as e:  # noqa: BLE001 - a failed step fails its rows, not the scheduler
             err = PermanentLLMError(f"{self.model}: local generation failed: {type(e).__name__}: {e}")
             for r in set(served) | set(self._batch.rows):
@@ -400,9 +411,6 @@ class LocalBackend:
                 self.stats.chats += 1
                 self.stats.chat_s += r.model_s
                 r.future.set_result(None)
-        for r in self._batch.rows:
-            if r.timeout_s is not None and r.served_s > r.timeout_s and not r.future.done():
-                r.future.set_exception(self._timeout(r))
 
     async def _serve_forward(self) -> None:
         room = self.max_batch - len(self._batch.rows)
@@ -411,15 +419,18 @@ class LocalBackend:
         for r in self._waiting:
             if not isinstance(r, _Pending) or r.future.done():
                 continue
-            if batch and (len(batch) >= room or tokens + len(r.ids) > self.max_batch_tokens):
+            # what it adds to the forward: the tokens after the prefix it shares with the first request
+            cost = len(r.ids) - (common_prefix_len([batch[0].ids, r.ids]) if batch else 0)
+            if batch and (len(batch) >= room or tokens + cost > self.max_batch_tokens):
                 break
             batch.append(r)
-            tokens += len(r.ids)
+            tokens += cost
         for r in batch:
             self._waiting.remove(r)
         items = [(r.ids, r.positions, r.top_k, r.branch_id) for r in batch]
         try:
-            results = await self._serve(batch, lambda: self._forward_batch(items), "forward", prompt_work=True)
+            results = await self._serve(batch, lambda: self._forward_batch(items), "forward",
+                                        tokens=sum(len(r.ids) for r in batch), prompt_work=True)
         except Exception as e:  # noqa: BLE001 - a failed forward fails its requests, not the scheduler
             for r in batch:
                 if not r.future.done():
@@ -432,13 +443,12 @@ class LocalBackend:
                 self.stats.logprob_s += r.model_s
                 r.future.set_result(result)
 
-    async def _serve(self, requests: list, work, kind: str, *, prompt_work: bool):
-        """Run one unit of model work in the worker thread, timing it against its requests' timeouts."""
+    async def _serve(self, requests: list, work, kind: str, *, tokens: int, prompt_work: bool):
+        """Run one unit of model work (`tokens` positions at most) in the worker thread, under a watchdog."""
         loop = asyncio.get_running_loop()
         for r in requests:
             self._start_service(r)
-        left = [r.timeout_s - r.served_s for r in requests if r.timeout_s is not None]
-        unit = self._unit = _Unit(requests, loop.time(), max(left) if left else None)
+        unit = self._unit = _Unit(requests, loop.time(), self._slack_s(tokens, prompt_work))
         self._arm(unit)
         try:
             return await asyncio.to_thread(work)
@@ -450,19 +460,33 @@ class LocalBackend:
             for r in requests:
                 r.served_s += elapsed
                 r.model_s += elapsed / len(requests)
+                self._pause_service(r)  # a generating row waits for its next step like a queued request
             self._share[kind] += elapsed
             self.stats.busy_s += elapsed
             if prompt_work:
                 self.stats.forward_s += elapsed
+            else:
+                self.stats.step_s += elapsed
+
+    def _slack_s(self, tokens: int, prompt_work: bool) -> float:
+        """What a unit may take beyond a request's `timeout_s`: four times what the model's measured speed
+        predicts for it (a slow machine is slow, not hung). Prompt work: `tokens` at the measured prompt rate
+        (10 tokens/s before any measurement); a generation step: the mean step so far (before any, a step
+        counts as 64 prompt tokens)."""
+        rate = self.stats.tokens_per_s or 10.0
+        if prompt_work:
+            return 4.0 * tokens / rate
+        return 4.0 * (self.stats.step_s / self.stats.steps if self.stats.steps else 64 / rate)
+
+    def _limit_s(self, r: _Request, unit: _Unit) -> float | None:
+        return None if r.timeout_s is None else r.timeout_s + unit.slack_s
 
     def _arm(self, unit: _Unit) -> None:
-        """Wake the watchdog when the next request of the unit runs out of time, or when the unit is stuck."""
+        """Wake the watchdog when the next request of the unit runs out of time."""
         loop = asyncio.get_running_loop()
         ran = loop.time() - unit.started
-        waits = [r.timeout_s - r.served_s - ran for r in unit.requests
-                 if r.timeout_s is not None and not r.future.done()]
-        if unit.limit_s is not None:
-            waits.append(unit.limit_s - ran)
+        waits = [limit - ran for r in unit.requests
+                 if not r.future.done() and (limit := self._limit_s(r, unit)) is not None]
         if waits:
             unit.handle = loop.call_later(max(0.001, min(waits)), self._watch, unit)
 
@@ -471,8 +495,9 @@ class LocalBackend:
             return
         ran = asyncio.get_running_loop().time() - unit.started
         for r in unit.requests:
-            if r.timeout_s is not None and not r.future.done() and r.served_s + ran >= r.timeout_s:
-                r.future.set_exception(self._timeout(r, r.served_s + ran))
+            limit = self._limit_s(r, unit)
+            if limit is not None and not r.future.done() and ran >= limit:
+                r.future.set_exception(self._timeout(r, ran, limit))
         stuck = self._stuck_error()
         if stuck is not None:  # a hung forward: what waits behind it fails now, and new requests fail fast
             self._fail_all(stuck)
@@ -480,23 +505,26 @@ class LocalBackend:
         self._arm(unit)
 
     def _stuck_error(self) -> TransientLLMError | None:
+        """The model counts as stuck once its current unit has run past the limits of all its requests."""
         unit = self._unit
-        if unit is None or unit.limit_s is None:
+        if unit is None:
+            return None
+        limits = [limit for r in unit.requests if (limit := self._limit_s(r, unit)) is not None]
+        if not limits:
             return None
         ran = asyncio.get_running_loop().time() - unit.started
-        if ran < unit.limit_s:
+        if ran < max(limits):
             return None
-        err = TransientLLMError(f"{self.model}: the local model has been on one forward for {ran:.1f}s, past the "
-                                f"{unit.limit_s:.1f}s its requests had left; requests fail until it returns",
+        err = TransientLLMError(f"{self.model}: the local model has been on one forward for {ran:.1f}s, past its "
+                                f"{max(limits):.1f}s limit; requests fail until it returns",
                                 reason=FailureReason.TIMEOUT)
         err.kind = "timeout"
         return err
 
-    def _timeout(self, r: _Request, served_s: float | None = None) -> TransientLLMError:
-        served = r.served_s if served_s is None else served_s
-        err = TransientLLMError(f"{self.model}: {served:.1f}s of model work on this request without an answer "
-                                f"(timeout_s={r.timeout_s:g}; time waiting for the model is not counted)",
-                                reason=FailureReason.TIMEOUT)
+    def _timeout(self, r: _Request, ran: float, limit: float) -> TransientLLMError:
+        err = TransientLLMError(f"{self.model}: one forward on this request ran {ran:.1f}s, past its {limit:.1f}s "
+                                f"limit (timeout_s={r.timeout_s:g} plus four times what the model's measured speed "
+                                f"predicts; time waiting for the model is not counted)", reason=FailureReason.TIMEOUT)
         err.kind = "timeout"
         return err
 
@@ -648,10 +676,10 @@ class LocalBackend:
             results = []
             for b, (_, rows, top_k, branch) in enumerate(items):
                 positions = [self._top(_log_softmax(
-                    prefix.last_logits if row == n_prefix - 1
+                    prefix.last_logits if prefix is not None and row == n_prefix - 1
                     else logits[b, column[row - n_prefix] if column else row - n_prefix]), top_k) for row in rows]
                 branches = None
-                if branch is not None:  # only where the branch token is among that position's top-k
+                if branch is not None and branch_logits is not None:  # where the branch token is in the top-k
                     shown = self._str(branch)
                     branches = [self._top(_log_softmax(branch_logits[b, j]), top_k) if shown in top else None
                                 for j, top in enumerate(positions)]
@@ -700,7 +728,7 @@ class LocalBackend:
 
 def _kv_bytes_per_token(model: torch.nn.Module) -> int:
     """Bytes of keys and values one token position takes over all layers."""
-    c = model.config
+    c: Any = model.config
     heads = getattr(c, "num_key_value_heads", None) or c.num_attention_heads
     head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
     return 2 * int(c.num_hidden_layers) * int(heads) * int(head_dim) * next(model.parameters()).element_size()

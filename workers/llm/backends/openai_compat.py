@@ -19,15 +19,25 @@ import json
 import logging
 import re
 import time
-from typing import Mapping
+from collections.abc import Mapping
 
 import openai
 
 from schemas.config import Backend, ConfigError
 from schemas.failures import FailureReason
-from workers.llm.backends.base import (Capabilities, ChatResponse, LLMBackend, LLMError, PermanentLLMError,
-                                   PromptLogprobsResponse,
-                                   RateLimitedError, TokenAlternatives, TransientLLMError, UnsupportedError, Usage)
+from workers.llm.backends.base import (
+    Capabilities,
+    ChatResponse,
+    LLMBackend,
+    LLMError,
+    PermanentLLMError,
+    PromptLogprobsResponse,
+    RateLimitedError,
+    TokenAlternatives,
+    TransientLLMError,
+    UnsupportedError,
+    Usage,
+)
 from workers.llm.redact import redact_url, scrub, split_userinfo
 from workers.llm.verdict import ACCEPTED, tell
 

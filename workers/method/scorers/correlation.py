@@ -50,6 +50,7 @@ class CorrelationScorer(Scorer):
 
     async def score(self, ctx: ScoreContext) -> list[dict]:
         sim, cal_sim = ctx.valid_simulation, ctx.calibration_simulation
+        assert sim is not None and cal_sim is not None, "the method simulates both splits for this scorer"
         cols = correlation_columns(ctx.valid, sim.values, ctx.splits["calibration"], cal_sim.values)
         settings = {**ctx.simulator.settings(), "split": "valid", "calibration": cols.pop("_calibration"),
                     "best_of": ctx.cfg.explainer.best_of, "candidate_calibration_scores": ctx.candidate_scores}

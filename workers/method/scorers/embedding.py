@@ -3,6 +3,7 @@ as an AUC separating activating from non-activating windows. No LLM call."""
 from __future__ import annotations
 
 import asyncio
+from typing import Any
 
 from workers.method.records import ActivationRecord
 from workers.method.scorers._common import NO_NEGATIVES, non_finite_windows
@@ -30,6 +31,7 @@ class EmbeddingScorer(Scorer):
     needs_embedder = True
 
     async def score(self, ctx: ScoreContext) -> list[dict]:
+        cols: dict[str, Any]
         if ctx.embedder is None:
             cols = {"score": None, "null_reason": "no embedder given to the method", "settings": {}}
         elif reason := non_finite_windows(ctx.activating + ctx.records.random):  # the windows it labels

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 from dataclasses import dataclass, field
+from typing import Any
 
 from schemas.config import ConfigError
 from schemas.config import Simulator as SimulatorConfig
@@ -78,8 +79,9 @@ class NeuronSimulator:
     def settings(self) -> dict:
         """What produced a score: stored with it (scores.settings, scores.simulator_mode). Once prepared it
         also says how values were read (`ten_from`, `digits_split`, `spaced_digits`; simulator/values.py)."""
-        out = {"mode": self.mode, "top_logprobs": self.cfg.top_logprobs if self._mode.uses_logprobs else None,
-               "records_per_call": self.cfg.records_per_call, "prompt_version": PROMPT_VERSION}
+        top_logprobs = self.cfg.top_logprobs if self._mode.uses_logprobs else None
+        out: dict[str, Any] = {"mode": self.mode, "top_logprobs": top_logprobs,
+                               "records_per_call": self.cfg.records_per_call, "prompt_version": PROMPT_VERSION}
         if self.refused:
             out["refused_modes"] = dict(self.refused)
         return {**out, **self.reading.settings()} if self.reading else out
@@ -106,6 +108,7 @@ class NeuronSimulator:
                     self.mode, self._mode = name, SIMULATOR_MODES[name]()
                 self._mode.reading = self.reading = reading
                 break
+        assert self.reading is not None  # the last candidate either gave a reading or raised
         return self.reading
 
     async def simulate(self, explanation: str, token_lists: list[list[str]]) -> Simulation:

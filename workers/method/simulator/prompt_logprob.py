@@ -5,8 +5,10 @@ Where the simulator's tokenizer writes "10" as "1" + "0", the distribution after
 needed too: the backend computes it in the same call (`branch`), or the mode is refused (docs/method.md §5)."""
 from __future__ import annotations
 
+from typing import cast
+
 from schemas.config import Simulator as SimulatorConfig
-from workers.llm.backends.base import Capabilities, LLMBackend, UnsupportedError, Usage
+from workers.llm.backends.base import BranchingBackend, Capabilities, LLMBackend, UnsupportedError, Usage
 from workers.llm.verdict import judged
 from workers.method.prompts import MalformedAnswerError, simulator_completion_prompt
 from workers.method.scoring import expected_value
@@ -38,7 +40,9 @@ class PromptLogprob(SimulatorMode):
                       token_lists: list[list[str]], *, attempt: int, spent: list[Usage]) -> list[list[float]]:
         prompt, offsets = simulator_completion_prompt(explanation, token_lists)
         if self.reading.branch:
-            resp = await backend.prompt_logprobs(prompt, offsets, top_k=cfg.top_logprobs, branch=BRANCH)
+            # `reading.branch` is set only for a backend with Capabilities.prompt_branches
+            branching = cast(BranchingBackend, backend)
+            resp = await branching.prompt_logprobs(prompt, offsets, top_k=cfg.top_logprobs, branch=BRANCH)
         else:
             resp = await backend.prompt_logprobs(prompt, offsets, top_k=cfg.top_logprobs)
         spent.append(resp.usage)

@@ -1,0 +1,44 @@
+"""The demo's config (examples/demo.yaml) on the embedded SmolLM2 as an ordinary laptop runs it: PyTorch's AVX2
+kernels and float32 for the subject model and the local explainer/simulator, stdout a file. A slice of it
+(one layer, three neurons, fewer windows) keeps the test to minutes; every neuron must end `done` (or `skipped`
+with its reason), never failed, and the output must say where the results are and what to run next."""
+import os
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from orchestrator.results.reader import RunReader
+from orchestrator.store import RunStore
+
+ROOT = Path(__file__).resolve().parents[2]
+FLOAT32 = ["--set", "model.dtype=float32", "--set", "explainer.dtype=float32", "--set", "simulator.dtype=float32"]
+
+
+@pytest.mark.real_model
+@pytest.mark.slow
+def test_the_demo_config_finishes_on_a_float32_avx2_cpu(tmp_path):
+    run = tmp_path / "demo"
+    args = [sys.executable, "-m", "orchestrator.cli.app", "sweep", "--config", str(ROOT / "examples" / "demo.yaml"),
+            "--out", str(run), "--layers", "12", "--neurons", "0-2", "--set", "corpus.max_windows=200",
+            "--set", "metrics_port=0", "--set", "progress_interval_s=10", *FLOAT32]
+    env = {**os.environ, "ATEN_CPU_CAPABILITY": "avx2"}
+    started = time.monotonic()
+    with open(tmp_path / "stdout.log", "w") as stdout:
+        proc = subprocess.run(args, stdout=stdout, stderr=subprocess.PIPE, text=True, env=env, timeout=1800,
+                              cwd=ROOT)
+    wall = time.monotonic() - started
+    text = (tmp_path / "stdout.log").read_text()
+    assert proc.returncode == 0, (text + proc.stderr)[-3000:]
+    print(f"demo slice (3 neurons, float32, AVX2 kernels): {wall:.0f}s")
+
+    ledger = RunReader(RunStore.open(str(run))).store.read_table("ledger").to_pylist()
+    assert len(ledger) == 3
+    assert all(r["status"] == "done" or (r["status"] == "skipped" and r["error"]) for r in ledger), ledger
+    assert "neurons: " in text and "0 failed" in text
+    assert f"results in {run}" in text and f"neuronsweep show {run}" in text  # where, and what next
+    assert re.search(r"^local model smollm2-135m: [\d,]+ prompt tokens/s; .* per neuron", text, re.M)  # the estimate
+    assert re.search(r"^\[\s*[\dhms]+\] neurons \d+/3: ", text, re.M)  # progress lines, stdout being a file
