@@ -1,7 +1,7 @@
 """`import_openai`: OpenAI's neuron-explainer layout (openai_layout.py; the published data too) read into a run
 directory: sequences (each distinct window once), records, neuron stats, the extraction marker (model name
 "imported", so a later `neuronsweep sweep --out RUN` needs no subject model), and the explanations and scores
-when the files hold them."""
+when the files hold them. Every file is validated first (openai_schema.py): one bad file imports nothing."""
 from __future__ import annotations
 
 import datetime as dt
@@ -13,6 +13,13 @@ from typing import Any
 
 from orchestrator.plan import IMPORTED
 from orchestrator.results.interchange.openai_layout import EXPLANATIONS_DIR, RECORDS_DIR, SIMULATED_SCALE, json_float
+from orchestrator.results.interchange.openai_schema import (
+    EXPLANATION_FILE,
+    RECORD_FILE,
+    load_json,
+    numbered,
+    validate_openai,
+)
 from orchestrator.store import RunStore
 from schemas.layout import EXTRACT_MARKER, records_file, shard_file_name
 from schemas.tables import to_table
@@ -69,15 +76,16 @@ def import_openai(src: str | Path, store: RunStore, *, n_layers: int | None = No
                   n_neurons: int | None = None) -> ImportSummary:
     """Read the OpenAI layout under `src` into the run directory `store` (see the module docstring)."""
     rec_dir, expl_dir = _layout(Path(src))
+    validate_openai(rec_dir, expl_dir, src)  # raises OpenAIImportError, naming every bad file, before any write
     windows, summary = _Windows(), ImportSummary()
     now = dt.datetime.now(dt.timezone.utc)
     max_neuron, top_k, n_random = -1, 0, 0
-    for layer, layer_dir in _numbered(rec_dir):
+    for layer, layer_dir in numbered(rec_dir, None, []):
         rec_rows: list[dict[str, Any]] = []
         stat_rows: list[dict[str, Any]] = []
         kinds: dict[int, dict[str, list[int]]] = {}
-        for neuron, path in _numbered(layer_dir):
-            doc = json.loads(path.read_text())
+        for neuron, path in numbered(layer_dir, RECORD_FILE, []):
+            doc = load_json(path.read_text())
             bins = doc.get("random_sample_by_quantile") or []
             per_bin = max((len(b) for b in bins), default=0)
             by_kind = {"top": doc.get("most_positive_activation_records") or [],
@@ -124,11 +132,11 @@ def _import_explanations(store, layer_dir: Path, layer: int, windows: _Windows, 
                          now, summary: ImportSummary) -> None:
     true = {(r["neuron"], r["seq_id"]): r["activations"] for r in rec_rows}
     expl_rows, score_rows, ledger_rows = [], [], []
-    for neuron, path in _numbered(layer_dir):
+    for neuron, path in numbered(layer_dir, EXPLANATION_FILE, []):
         lines = [ln for ln in path.read_text().splitlines() if ln.strip()]
         if not lines:
             continue
-        doc = json.loads(lines[0])
+        doc = load_json(lines[0])
         scored = doc.get("scored_explanations") or []
         for i, se in enumerate(scored):
             expl_rows.append({"layer": layer, "neuron": neuron, "explanation": se["explanation"], "candidate": i,
