@@ -58,17 +58,17 @@ def test_view_reads_an_s3_run_through_the_endpoint_the_environment_names(tmp_pat
         facts = make_run(tmp_path / "run")
         s3 = pafs.S3FileSystem(endpoint_override=f"{host}:{port}", scheme="http", access_key="test",
                                secret_key="test", region="us-east-1", allow_bucket_creation=True)
-        s3.create_dir("sweeps")
-        pafs.copy_files(facts.store.root, "sweeps/run1", destination_filesystem=s3)
+        s3.create_dir("viewed-runs")  # a bucket no other test uses: moto keeps its state process-wide
+        pafs.copy_files(facts.store.root, "viewed-runs/run1", destination_filesystem=s3)
         monkeypatch.setenv("NEURONSWEEP_S3_ENDPOINT", f"http://{host}:{port}")
         monkeypatch.setenv("AWS_ACCESS_KEY_ID", "test")
         monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "test")
         served = []
         monkeypatch.setattr(uvicorn, "run", lambda app, **kw: served.append((app, kw)))
-        assert main(["view", "s3://sweeps/run1", "--port", "8999"]) == 0
+        assert main(["view", "s3://viewed-runs/run1", "--port", "8999"]) == 0
         ((app, kw),) = served
         assert (kw["host"], kw["port"]) == ("127.0.0.1", 8999)
-        assert capsys.readouterr().out.startswith("neuronsweep viewer for s3://sweeps/run1 at http://127.0.0.1:8999/")
+        assert capsys.readouterr().out.startswith("neuronsweep viewer for s3://viewed-runs/run1 at http://127.0.0.1:8999/")
         client = TestClient(app)
         progress = client.get("/api/run").json()["progress"]
         assert (progress["done"], progress["failed"]) == (len(facts.done), len(facts.failed))

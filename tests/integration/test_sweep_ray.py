@@ -145,11 +145,13 @@ def test_s3_output_against_a_local_s3_server(tmp_path):
         s3 = {"endpoint_override": f"{host}:{port}", "scheme": "http", "access_key": "test", "secret_key": "test",
               "region": "us-east-1", "allow_bucket_creation": True}
         import pyarrow.fs as pafs
-        pafs.S3FileSystem(**s3).create_dir("sweeps")
-        cfg = cfg_for("s3://sweeps/run1", s3_options=s3)
+        # moto keeps its buckets in process-wide state: a bucket of this test's own, never another test's leftovers
+        bucket = f"sweeps-{tmp_path.name.lower().replace('_', '-')[-40:]}"
+        pafs.S3FileSystem(**s3).create_dir(bucket)
+        cfg = cfg_for(f"s3://{bucket}/run1", s3_options=s3)
         o = run_sweep(cfg, {}, runner_factory=INSTANT, n_actors=2, s3_options=s3)
         assert o.complete and o.done == 120
-        store = RunStore.open("s3://sweeps/run1", s3_options=s3)
+        store = RunStore.open(f"s3://{bucket}/run1", s3_options=s3)
         assert_one_row_per_neuron(store, 120)
         assert len(store.list_files(MARKERS_DIR)) == 9
         assert not [p for p in store.list_files("") if "_tmp" in p]
