@@ -98,6 +98,8 @@ class Backend(_Strict):
                            "(generation rows plus one prompt forward); 1 = strictly one call at a time")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
         "auto", description="local only: the model's weights (auto = bfloat16 where the CPU has bf16 units)")
+    threads: int = Field(0, ge=0, le=1024, description="local only: CPU threads for the model; 0 = every core "
+                         "its process may use (a Ray actor would otherwise get one)")
 
     @field_validator("base_url")
     @classmethod

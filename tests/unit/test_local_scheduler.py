@@ -2,6 +2,7 @@
 own work still has a timeout (a hung forward is caught), and the neuron deadline still catches a neuron whose
 calls never end. The model is the tiny test model behind a wrapper that makes every forward slow or hang."""
 import asyncio
+import os
 import threading
 import time
 
@@ -11,7 +12,7 @@ import torch
 from schemas.failures import FailureReason
 from testing.models import tiny_model
 from workers.llm.backends.base import TransientLLMError
-from workers.llm.backends.local import LocalBackend
+from workers.llm.backends.local import LocalBackend, use_threads
 from workers.llm.client import LLMClient
 from workers.llm.service import CURRENT_CLOCK, NeuronClock, run_within
 
@@ -166,3 +167,13 @@ def test_the_deadline_still_catches_a_neuron_whose_call_never_ends(tiny):
             gate.set()  # let the worker thread end, or the event loop could not close
 
     assert 0.3 <= asyncio.run(run()) < 1.0
+
+
+def test_the_local_model_uses_every_core_its_process_may_run_on():
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)  # what a Ray actor starts with (OMP_NUM_THREADS=1, its CPU reservation)
+        assert use_threads(0) == len(os.sched_getaffinity(0)) == torch.get_num_threads()
+        assert use_threads(1) == 1 == torch.get_num_threads()
+    finally:
+        torch.set_num_threads(before)

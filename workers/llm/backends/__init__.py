@@ -16,7 +16,7 @@ def make_backend(cfg: Backend, *, env: Mapping[str, str]) -> LLMBackend:
     if cfg.kind == "local":
         from workers.llm.backends.local import LocalBackend
 
-        return LocalBackend.from_name(cfg.model, dtype=cfg.dtype, max_batch=cfg.max_batch)
+        return LocalBackend.from_name(cfg.model, dtype=cfg.dtype, max_batch=cfg.max_batch, threads=cfg.threads)
     if cfg.kind == "openai":
         from workers.llm.backends.openai_compat import OpenAICompatBackend
 

@@ -33,6 +33,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import inspect
+import os
 import random
 import threading
 from dataclasses import dataclass, field
@@ -228,9 +229,14 @@ class LocalBackend:
         self._share = {"generate": 0.0, "forward": 0.0}
 
     @classmethod
-    def from_name(cls, name: str, *, dtype: str = "auto", device: str = "auto", **kwargs) -> LocalBackend:
+    def from_name(cls, name: str, *, dtype: str = "auto", device: str = "auto", threads: int = 0,
+                  **kwargs) -> LocalBackend:
+        """The model `name`, loaded in this process, using `threads` CPU threads (0: every core this process
+        may run on: a Ray actor starts with OMP_NUM_THREADS=1, its CPU reservation, which would leave the other
+        cores of a laptop idle while the sweep's one model works)."""
         from workers.models.loading import load_subject
 
+        use_threads(threads)
         lm = load_subject(name, dtype=dtype, device=device)
         return cls(lm.model, lm.tokenizer, name=name, **kwargs)
 
@@ -724,6 +730,14 @@ class LocalBackend:
         if self._engine is not None:
             self._engine.cancel()
             self._engine = None
+
+
+def use_threads(threads: int = 0) -> int:
+    """Set torch's CPU threads for this process: `threads`, or every core it may run on; returns the number."""
+    n = threads or (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
+    if torch.get_num_threads() != n:
+        torch.set_num_threads(n)
+    return n
 
 
 def _kv_bytes_per_token(model: torch.nn.Module) -> int:
