@@ -2,7 +2,7 @@
 
 Synthetic neurons: each fires (2.0-4.0) on the tokens that match a rule (digits, closing parentheses, the word
 "the", ...) of the default corpus (the standard library's help topics) and sits slightly below 0 elsewhere
-(testing/stubs.py `planted_neuron`). Each has one true explanation and three false ones, written here. The
+(testing/stubs.py `planted_neuron`). Each has one true explanation and three false ones (bench/_planted.py). The
 valid split (5 top + 5 random records of 64 tokens) is simulated under every explanation by the embedded
 SmolLM2-135M in the default mode (prompt_logprob), and each explanation gets its correlation score.
 
@@ -27,27 +27,12 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from testing.stubs import planted_neuron, pydoc_windows  # noqa: E402
+from bench._planted import NEURONS, fmt_score, planted_valid, true_first  # noqa: E402
+from testing.stubs import pydoc_windows  # noqa: E402
 from workers.method.prompts import simulator_completion_prompt  # noqa: E402
-from workers.method.scoring import correlation_score, expected_value, split_records  # noqa: E402
+from workers.method.scoring import correlation_score, expected_value  # noqa: E402
 from workers.method.simulator.values import BRANCH  # noqa: E402
 
-# rule -> (the true explanation, false ones); the wording is this benchmark's own, not the stub's vocabulary
-NEURONS: dict[str, tuple[str, tuple[str, ...]]] = {
-    "digits": ("numbers written with digits, such as counts, sizes and years",
-               ("closing parentheses", 'the word "the"', "words that start with a capital letter")),
-    "closing_paren": ("the closing parenthesis that ends a call or a group",
-                      ("opening parentheses", "commas between items of a list", "numbers written with digits")),
-    "opening_paren": ("the opening parenthesis after a function name",
-                      ("closing parentheses", "colons", 'the word "of"')),
-    "the": ('the word "the"', ('the word "of"', "periods at the end of a sentence", "commas")),
-    "of": ('the word "of"', ('the word "the"', "colons", "numbers written with digits")),
-    "comma": ("commas", ("periods at the end of a sentence", "colons", "opening parentheses")),
-    "period": ("the period that ends a sentence", ("commas", 'the word "the"', "closing parentheses")),
-    "colon": ("colons, such as after a block header or a label", ("commas", "periods", "opening parentheses")),
-    "capitalized": ("words that start with a capital letter",
-                    ("numbers written with digits", 'the word "of"', "commas")),
-}
 READINGS = ("before", "after")
 
 
@@ -63,15 +48,6 @@ async def simulate_both(backend, explanation: str, token_lists: list[list[str]],
 
     results = await asyncio.gather(*(one(tokens) for tokens in token_lists))
     return {"before": [b for b, _ in results], "after": [a for _, a in results]}
-
-
-def _fmt(x: float | None) -> str:
-    return "  null" if x is None else f"{x:+.3f}"
-
-
-def _first(true: float | None, false: list[float | None]) -> bool:
-    """The true explanation scores strictly highest (a null score is below every number)."""
-    return true is not None and all(f is None or true > f for f in false)
 
 
 async def main() -> None:
@@ -95,9 +71,7 @@ async def main() -> None:
     print(f"{'neuron':14s} {'reading':7s} {'true':>7s} {'best false':>11s}  first")
     for rule in rules:
         true_text, false_texts = NEURONS[rule]
-        records = planted_neuron(rule, windows, top_k=4 * args.n, n_random=3 * args.n)
-        valid = split_records(records.top, records.random, args.n)["valid"]
-        tokens, true = [r.tokens for r in valid], [r.activations for r in valid]
+        tokens, true = planted_valid(rule, windows, args.n)
         scores: dict[str, dict[str, float | None]] = {r: {} for r in READINGS}
         for text in (true_text, *false_texts):
             sims = await simulate_both(backend, text, tokens, args.top_k)
@@ -105,10 +79,10 @@ async def main() -> None:
                 scores[reading][text] = correlation_score(true, sims[reading])
         for reading in READINGS:
             false = [scores[reading][t] for t in false_texts]
-            first = _first(scores[reading][true_text], false)
+            first = true_first(scores[reading][true_text], false)
             firsts[reading] += first
             best = max((f for f in false if f is not None), default=None)
-            print(f"{rule:14s} {reading:7s} {_fmt(scores[reading][true_text]):>7s} {_fmt(best):>11s}  "
+            print(f"{rule:14s} {reading:7s} {fmt_score(scores[reading][true_text]):>7s} {fmt_score(best):>11s}  "
                   f"{'yes' if first else 'no'}")
     elapsed = time.perf_counter() - t1
     n = len(rules)

@@ -22,6 +22,14 @@ parameters; bf16 on a GPU) instead of the default model, on the same windows (Sm
 GPT-2's vocabulary size); it also prints the fraction of the GPU's dense bf16 peak that the extraction reaches
 (--peak-tflops, or known from the GPU's name). --layers N keeps the first N layers of that shape (a smoke test
 on a CPU).
+--units sae: SAE latents instead of neurons: a TopK SAE of --width latents (k --k) with random weights, saved in
+the SAELens layout in a temporary folder and loaded as a sweep loads it, read at the last layer's
+hook_resid_post (so both passes run the whole trunk); it also prints the memory per 10^4 latents (the collector's
+state, the encoder's weights and one batch's latents, per 10,000 latents) and ends with
+sae_extract_overhead_ratio=<extract tokens/s / plain tokens/s>.
+
+    .venv/bin/python bench/extract.py --units sae --width 16384 --windows 256
+
 Last line: extract_overhead_ratio=<extract tokens/s / plain tokens/s>.
 """
 from __future__ import annotations
@@ -73,6 +81,32 @@ def gpt2_xl_shaped(n_layers: int, device: str, tokenizer):
     return wrap(model, tokenizer, f"gpt2-xl-shaped ({n_layers} layers, random weights)")
 
 
+def random_sae(folder: Path, loaded, width: int, k: int):
+    """A TopK SAE with random weights at the last layer's hook_resid_post, saved in the SAELens layout and
+    loaded back as a sweep's worker loads it (`worker_units`)."""
+    from workers.units.dictionaries import save_saelens
+    from workers.units.source import worker_units
+
+    d, last = loaded.model.config.hidden_size, loaded.info.n_layers - 1
+    g = torch.Generator().manual_seed(0)
+    w_dec = torch.randn(width, d, generator=g)
+    w_dec /= w_dec.norm(dim=1, keepdim=True)
+    save_saelens(folder, W_enc=w_dec.T.contiguous(), b_enc=torch.zeros(width), W_dec=w_dec, b_dec=torch.zeros(d),
+                 hook_name=f"blocks.{last}.hook_resid_post", architecture="topk", k=k)
+    return worker_units({"kind": "sae", "path": str(folder)}, loaded)
+
+
+def tensor_bytes(obj) -> int:
+    """Bytes of every tensor in a (nested) state dict."""
+    if isinstance(obj, torch.Tensor):
+        return obj.numel() * obj.element_size()
+    if isinstance(obj, dict):
+        return sum(tensor_bytes(v) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return sum(tensor_bytes(v) for v in obj)
+    return 0
+
+
 def forward_flops_per_token(loaded, seq_len: int) -> float:
     """2 x the non-embedding parameters, plus attention over the window (Kaplan et al. 2020's forward count)."""
     cfg = loaded.model.config
@@ -96,6 +130,9 @@ def main() -> None:
     ap.add_argument("--shape", choices=["gpt2-xl"], help="a random model of this shape instead of --model")
     ap.add_argument("--layers", type=int, default=48, help="with --shape: how many of its layers")
     ap.add_argument("--peak-tflops", type=float, help="the accelerator's dense bf16 peak (default: by GPU name)")
+    ap.add_argument("--units", choices=["sae"], help="SAE latents (random weights) instead of neurons")
+    ap.add_argument("--width", type=int, default=16384, help="with --units sae: latents of the SAE")
+    ap.add_argument("--k", type=int, default=32, help="with --units sae: active latents per token (TopK)")
     args = ap.parse_args()
 
     m = load_subject(args.model, dtype=args.dtype)
@@ -106,13 +143,22 @@ def main() -> None:
     ids = torch.tensor([w.token_ids for w in ws])
     seq_ids = torch.tensor([w.seq_id for w in ws])
     n_tokens = ids.numel()
-    bottom_k = args.bottom_k if args.bottom_k is not None else bottom_k_for(SweepConfig(), m.info.architecture)
-    spec = CollectorSpec(list(range(m.info.n_layers)), m.info.n_neurons, args.seq_len, top_k=20, n_random=15, seed=0,
+    units = None
+    layers, n_units, what = list(range(m.info.n_layers)), m.info.n_neurons, "neurons"
+    if args.units:
+        import tempfile
+
+        with tempfile.TemporaryDirectory() as tmp:  # the weights are read into memory: the files can go
+            units = random_sae(Path(tmp) / "sae", m, args.width, args.k)
+        layers, n_units, what = units.layers, units.n_units, f"SAE latents (TopK k={args.k}, random weights)"
+    default_bottom = 0 if args.units else bottom_k_for(SweepConfig(), m.info.architecture)  # latents are >= 0
+    bottom_k = args.bottom_k if args.bottom_k is not None else default_bottom
+    spec = CollectorSpec(layers, n_units, args.seq_len, top_k=20, n_random=15, seed=0,
                          corpus=seq_ids.tolist(), bottom_k=bottom_k, n_per_quantile=2 if args.quantiles else 0)
     compile = not args.eager
     summarize = compiled_summaries() if compile else window_summaries
     captures = {}  # the compiled functions, shared by every repeat's extractor
-    print(f"model {m.info.name}: {m.info.n_layers} layers x {m.info.n_neurons} neurons, {m.info.dtype} on {device}; "
+    print(f"model {m.info.name}: {len(layers)} layers x {n_units} {what}, {m.info.dtype} on {device}; "
           f"{len(ws)} windows x {args.seq_len} tokens, batch {args.batch}, torch threads {torch.get_num_threads()}, "
           f"{'eager' if args.eager else 'compiled'}, bottom_k {bottom_k}"
           f"{', quantile sketch' if args.quantiles else ''}, "
@@ -122,7 +168,7 @@ def main() -> None:
 
     def extractor():
         collector = ActivationCollector(spec, dtype=m.model.dtype, device=device, summarize=summarize)
-        return ActivationExtractor(m, collector, compile, captures)
+        return ActivationExtractor(m, collector, compile, captures, units)
 
     def plain_batch(i):
         with torch.no_grad():
@@ -179,7 +225,7 @@ def main() -> None:
     peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print(f"full LM forward (with head):      {n_tokens / full_s:,.0f} tokens/s (one run, reference)")
     print(f"plain forward (trunk):            {plain_tps:,.0f} tokens/s (per-block medians of {args.repeats} repeats)")
-    print(f"forward+capture+summaries (all {m.info.n_layers} layers): {extract_tps:,.0f} tokens/s")
+    print(f"forward+capture+summaries ({len(layers)} layers x {n_units} {what}): {extract_tps:,.0f} tokens/s")
     print(f"peak memory: {peak_rss:,.0f} MiB resident" + (
         f", {torch.cuda.max_memory_allocated() / 2**20:,.0f} MiB GPU" if torch.cuda.is_available() else ""))
     if device.type == "cuda":
@@ -189,6 +235,18 @@ def main() -> None:
         if peak:
             print(f"{name}: {flops / 1e9:.2f} GFLOP/token; extraction reaches {extract_tps * flops / (peak * 1e12):.1%}"
                   f" of the {peak:,.0f} TFLOP/s bf16 peak (plain forward {plain_tps * flops / (peak * 1e12):.1%})")
+    if units is not None:
+        d = units.by_layer[layers[0]].dictionary
+        per = 1e4 / n_units / 2**20  # bytes of the whole width -> MiB per 10^4 latents
+        state = tensor_bytes(ActivationCollector(spec, dtype=m.model.dtype, device=device).state_dict()) * per
+        encoder = tensor_bytes([d.W_enc, d.b_enc, d.b_pre, d.threshold, d.scale]) * per
+        batch = args.batch * args.seq_len * d.W_enc.element_size() * 1e4 / 2**20  # [B, T, 10^4] latents
+        total = state + encoder + batch
+        print(f"memory per 10^4 latents: {total:,.1f} MiB (collector state {state:,.1f}, encoder weights "
+              f"{encoder:,.1f}, one batch's latents {batch:,.1f}: {args.batch} windows x {args.seq_len} tokens)")
+        print(f"sae_memory_mib_per_10k_latents={total:.1f}")
+        print(f"sae_extract_overhead_ratio={extract_tps / plain_tps:.3f}")
+        return
     print(f"extract_overhead_ratio={extract_tps / plain_tps:.3f}")
 
 

@@ -137,6 +137,10 @@ def prepare_run(cfg: SweepConfig, store: RunStore) -> Plan:
     if existing is not None:
         old = existing["config"]
         refuse_changes(old, new, cfg.output)
+        if shape.get("units"):  # the same path may hold another dictionary now (its weights' sha256 differs)
+            from workers.units.source import check_same_source
+
+            check_same_source((existing.get("model") or {}).get("units"), shape["units"], cfg.output)
         check_run_directory(plan, store)
     else:
         check_run_directory(plan, store)  # an extraction or import may be there already

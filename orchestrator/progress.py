@@ -197,6 +197,8 @@ class Live:
     done: int = 0
     failed: int = 0
     skipped: int = 0
+    tokens: int = 0  # prompt and completion tokens of those neurons
+    cost_usd: float = 0.0
     model_stats: list[dict] = field(default_factory=list)
     model_copies: int = 0  # actors holding a local model
 
@@ -237,6 +239,9 @@ class LivePoller:
         for answer in self.latest.values():
             for status in ("done", "failed", "skipped"):
                 setattr(live, status, getattr(live, status) + answer.get("finished", {}).get(status, 0))
+            finished = answer.get("finished", {})
+            live.tokens += int(finished.get("prompt_tokens", 0) + finished.get("completion_tokens", 0))
+            live.cost_usd += finished.get("cost_usd", 0.0)
             live.model_stats += answer.get("model", [])
             live.model_copies += bool(answer.get("model"))
         return live
@@ -299,8 +304,10 @@ class ProgressReporter:
     def on_progress(self, o) -> None:
         live = getattr(o, "live", None) or Live()
         done, failed, skipped = o.done + live.done, o.failed + live.failed, o.skipped + live.skipped
+        tokens, cost = o.prompt_tokens + o.completion_tokens + live.tokens, o.cost_usd + live.cost_usd
         if done + failed + skipped > o.planned:  # an answer from just before a commit the driver counted already
             done, failed, skipped = o.done, o.failed, o.skipped
+            tokens, cost = o.prompt_tokens + o.completion_tokens, o.cost_usd
         finished = done + failed + skipped
         if self._finished_at_start is None:
             self._finished_at_start = o.done + o.failed + o.skipped
@@ -314,10 +321,11 @@ class ProgressReporter:
         eta = None
         if estimate is not None and left:
             # the model time this run needs, less what the models have worked so far (it moves between
-            # commits, as neurons progress together), never under one neuron's worth
+            # commits, as neurons progress together); once the models have worked longer than that (the
+            # neurons needed more calls than the estimate counts: retried answers), the sweep's own rate
             work = (o.planned - self._finished_at_start) * estimate.per_neuron_s
             busy = sum(st.get("busy_s", 0.0) for st in live.model_stats)
-            eta = max(work - busy, estimate.per_neuron_s) / copies
+            eta = max(work - busy, estimate.per_neuron_s) / copies if busy < work else None
         if self.progress is not None:
             if self._task is None:
                 self._task = self.progress.add_task("neurons", total=None, rate="")
@@ -327,5 +335,5 @@ class ProgressReporter:
         if self.lines is not None:
             queued = self.metrics.registry.get_sample_value("neuronsweep_queue_depth", {"queue": "explain"}) \
                 if self.metrics is not None else None
-            self.lines.on_sweep(SweepState(o.planned, done, failed, skipped, o.prompt_tokens + o.completion_tokens,
-                                           o.cost_usd, int(queued or 0), self._finished_at_start, eta))
+            self.lines.on_sweep(SweepState(o.planned, done, failed, skipped, tokens, cost, int(queued or 0),
+                                           self._finished_at_start, eta))

@@ -10,6 +10,9 @@ A shard's first commit gives every neuron one ledger row; a failed one carries i
 neurons' rows as they were, every earlier ledger row (a failed attempt was paid for), a new row for each redone
 neuron, and every call of every commit in `calls/`. Until its new marker replaces the old one, readers see the
 previous commit whole. The summary's spend is the shard's total over its commits, so each call counts once.
+
+A neuron's explanations and scores cover both its sides (docs/method.md §1 "Both signs"; rows tagged with
+`polarity`), but the neuron stays the unit of the ledger, the commit and a retry.
 """
 from __future__ import annotations
 
@@ -31,9 +34,10 @@ from orchestrator.store import RunStore
 from schemas.config import SweepConfig
 from schemas.failures import FailureReason
 from schemas.layout import SHARD_TABLES, shard_file_name, shard_marker
-from schemas.tables import to_table
+from schemas.tables import NEGATIVE, POSITIVE, to_table
 from workers.llm.backends.base import Usage
 from workers.llm.service import run_within
+from workers.method.neuron import negative_side
 from workers.method.records import ActivationRecord, NeuronRecords
 
 if TYPE_CHECKING:
@@ -191,8 +195,15 @@ class ShardRunner:
                                      else [])
         summary = self._summary(shard, rows["ledger"], tally, time.monotonic() - started, previous)
         await asyncio.to_thread(self._commit, shard, rows, summary)
-        self.finished.subtract(o["ledger"][0]["status"] for o in outcomes)  # now counted by the commit
+        for o in outcomes:  # now counted by the commit
+            self._count_finished(o["ledger"][0], -1)
         return replace(summary, latencies=tally.latencies, waits=tally.waits, previous=previous)
+
+    def _count_finished(self, ledger: dict, sign: int) -> None:
+        """Neurons finished in shards not committed yet: by status, and their tokens and cost (progress lines)."""
+        self.finished[ledger["status"]] += sign
+        for k in ("prompt_tokens", "completion_tokens", "cost_usd"):
+            self.finished[k] += sign * (ledger[k] or 0)
 
     @classmethod
     def committer(cls, cfg: SweepConfig, store: RunStore) -> ShardRunner:
@@ -220,9 +231,15 @@ class ShardRunner:
 
     # --- one neuron ----------------------------------------------------------------------------------------------
     async def _neuron(self, records: NeuronRecords, attempt: int) -> dict[str, list[dict]]:
+        """One neuron's rows: its ledger row, and the explanations and scores of its positive side and, where the
+        rule of docs/method.md §1 "Both signs" holds, of its negative side (`negative_side`). The ledger row's
+        status is the positive side's; a failed negative side leaves the neuron done and is recorded as one
+        null score per configured scorer, its `null_reason` saying why. Each side has `neuron_deadline_s`; the
+        row's tokens and cost count both."""
         started = time.monotonic()
-        status, error, reason, result = "done", None, None, None
+        status, error, reason, result, negative = "done", None, None, None, None
         usage = {"explainer": Usage(), "simulator": Usage()}
+        rows: dict[str, list[dict]] = {"explanations": [], "scores": []}
         if not records.top:
             status, error = "failed", "records: no records for this neuron (was extraction complete?)"
             reason = FailureReason.RECORDS
@@ -230,31 +247,46 @@ class ShardRunner:
             status, error, reason = "skipped", "never activates above 0 on the corpus", FailureReason.DEAD
         else:
             async with self._slots:
-                try:
-                    # charged time: waits in an in-process model's queue do not count (workers/llm/service.py)
-                    result = await run_within(self.processor(records), self.cfg.neuron_deadline_s)
-                except TimeoutError:
-                    status, error = "failed", (f"deadline: not finished within {self.cfg.neuron_deadline_s:g}s "
-                                               "(not counting waits for an in-process model)")
-                    reason = FailureReason.DEADLINE
-                except Exception as e:  # noqa: BLE001 - one neuron's bug must not sink its shard
-                    status, error = "failed", f"error: {type(e).__name__}: {e}"
-                    reason = reason_of(e)
-            if result is not None:
-                usage = result.usage
-                if result.error:
-                    status, error = "failed", result.error
-                    reason = reason_of(result)
+                result, error, reason = await self._side(records)
+                if result is not None:
+                    usage = result.usage
+                if error is not None:
+                    status = "failed"
+                elif result is not None:  # always, when there is no error
+                    _add_side(rows, result, POSITIVE)
+                    negated = negative_side(records, self.cfg)
+                    if negated is not None:
+                        negative, neg_error, neg_reason = await self._side(negated)
+                        if negative is not None:
+                            usage = _sum_usage(usage, negative.usage)
+                        if neg_error is None and negative is not None:
+                            _add_side(rows, negative, NEGATIVE)
+                        else:
+                            rows["scores"] += _failed_side_rows(records, self.cfg.scorers, NEGATIVE,
+                                                                neg_error or "", neg_reason)
         ledger = {"layer": records.layer, "neuron": records.neuron, "status": status, "attempts": attempt,
                   "error": error, "reason": None if reason is None else reason.value, "updated_at": self.now(),
                   "shard_id": None,
                   "prompt_tokens": sum(u.prompt_tokens for u in usage.values()),
                   "completion_tokens": sum(u.completion_tokens for u in usage.values()),
                   "cost_usd": cost_usd(self.cfg, usage), "elapsed_s": time.monotonic() - started}
-        kept = result if status == "done" else None  # the result whose rows are committed
-        self.finished[status] += 1
-        return {"explanations": kept.explanation_rows if kept is not None else [],
-                "scores": kept.score_rows if kept is not None else [], "ledger": [ledger]}
+        self._count_finished(ledger, 1)
+        return {**rows, "ledger": [ledger]}
+
+    async def _side(self, records: NeuronRecords) -> tuple[NeuronResult | None, str | None, FailureReason | None]:
+        """The method on one side of a neuron: (its result, or None when it raised; the error, None when it is
+        done; the error's reason)."""
+        try:
+            # charged time: waits in an in-process model's queue do not count (workers/llm/service.py)
+            result = await run_within(self.processor(records), self.cfg.neuron_deadline_s)
+        except TimeoutError:
+            return None, (f"deadline: not finished within {self.cfg.neuron_deadline_s:g}s "
+                          "(not counting waits for an in-process model)"), FailureReason.DEADLINE
+        except Exception as e:  # noqa: BLE001 - one neuron's bug must not sink its shard
+            return None, f"error: {type(e).__name__}: {e}", reason_of(e)
+        if result.error:
+            return result, result.error, reason_of(result)
+        return result, None, None
 
     # --- commit ----------------------------------------------------------------------------------------------------
     def _commit(self, shard: Shard, rows: dict, summary: ShardSummary) -> None:
@@ -329,6 +361,23 @@ class _Carried:
     rows: dict[str, list[dict]] = field(default_factory=dict)  # table -> rows kept
     todo: list[int] = field(default_factory=list)  # neurons to (re)do
     attempts: dict[int, int] = field(default_factory=dict)  # neuron -> attempts it has had
+
+
+def _add_side(rows: dict[str, list[dict]], result: NeuronResult, polarity: str) -> None:
+    rows["explanations"] += [{**r, "polarity": polarity} for r in result.explanation_rows]
+    rows["scores"] += [{**r, "polarity": polarity} for r in result.score_rows]
+
+
+def _failed_side_rows(records: NeuronRecords, scorers: list[str], polarity: str, error: str,
+                      reason: FailureReason | None) -> list[dict]:
+    """A side that failed while its neuron is done: one null score per scorer, saying why."""
+    why = f"{polarity} side failed ({(reason or FailureReason.ERROR).value}): {error}"
+    return [{"layer": records.layer, "neuron": records.neuron, "scorer": name, "score": None, "null_reason": why,
+             "polarity": polarity} for name in scorers]
+
+
+def _sum_usage(a: Mapping[str, Usage], b: Mapping[str, Usage]) -> dict[str, Usage]:
+    return {role: a.get(role, Usage()) + b.get(role, Usage()) for role in {**a, **b}}
 
 
 def _latest_rows(ledger: list[dict]) -> dict[int, dict]:

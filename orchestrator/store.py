@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import os
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import pyarrow as pa
 import pyarrow.dataset as ds
@@ -31,7 +31,7 @@ from schemas.layout import (
     shard_of_file,
     table_file,
 )
-from schemas.tables import TABLES, check_version
+from schemas.tables import TABLES, check_version, units_metadata
 
 LAYER_PARTITIONING = ds.partitioning(pa.schema([("layer", pa.int16())]), flavor="hive")
 
@@ -80,6 +80,8 @@ def open_fs(uri: str, *, s3_options: dict | None = None) -> tuple[pafs.FileSyste
 class RunStore:
     fs: pafs.FileSystem
     root: str
+    # the run's unit source once the run records it (orchestrator/units.py), for every table file's metadata
+    _units: dict | None = field(default=None, repr=False, compare=False)
 
     @classmethod
     def open(cls, uri: str, *, s3_options: dict | None = None, create: bool = False) -> RunStore:
@@ -137,9 +139,17 @@ class RunStore:
             data = data.drop_columns(["layer"])
         rel = self.table_file(table, name, layer)
         sink = pa.BufferOutputStream()
-        pq.write_table(data.replace_schema_metadata(schema.metadata), sink, compression="zstd")
+        pq.write_table(data.replace_schema_metadata({**schema.metadata, **self._units_metadata()}), sink,
+                       compression="zstd")
         self.write_bytes(rel, sink.getvalue().to_pybytes())
         return rel
+
+    def _units_metadata(self) -> dict[bytes, bytes]:
+        if self._units is None:
+            from orchestrator.units import recorded_source
+
+            self._units = recorded_source(self)  # stays None (and is looked up again) until the run records it
+        return units_metadata(self._units) if self._units is not None else {}
 
     def dataset(self, table: str, *, include_uncommitted: bool = False) -> ds.Dataset | None:
         """The table's files as one dataset, or None when it has none; of a shard table only the committed

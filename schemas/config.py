@@ -57,6 +57,18 @@ class Records(_Strict):
                                 "below); 0 = none")
     quantiles: bool = False
     n_per_quantile: int = Field(2, ge=1)
+    negative: Literal["auto", "off"] = Field(
+        "auto", description="explain and score a neuron's negative side as a unit of its own (docs/method.md §1 "
+                            "\"Both signs\"): auto = where it has bottom records and its most negative activation "
+                            "reaches negative_ratio x its maximum; off = the positive side only")
+    negative_ratio: float = Field(0.5, ge=0, description="auto: the negative side is explained when |min| >= "
+                                                         "negative_ratio x max (0 = whenever it goes below 0)")
+
+    @field_validator("negative", mode="before")
+    @classmethod
+    def _yaml_off(cls, v):
+        # YAML reads a bare `off` (in a file or `--set records.negative=off`) as false
+        return "off" if v is False else v
 
     @model_validator(mode="after")
     def _enough_records(self) -> Records:
@@ -113,6 +125,13 @@ class Explainer(Backend):
     best_of: int = Field(1, ge=1, le=32)
     temperature: float = Field(0.0, ge=0, le=2)
     max_tokens: int = Field(60, ge=1)
+    worked_examples: bool = Field(
+        True, description="show the worked examples before the neuron's records (false: the instruction and the "
+                          "records alone, as every try after an echoed example gets; for models too small to do "
+                          "anything but copy an example)")
+    examples: Literal["top", "stratified"] = Field(
+        "top", description="what the explainer is shown: top = the train split's top records; stratified = one "
+                           "classifier window per activating bin (needs classifier.examples: stratified)")
 
 
 class Simulator(Backend):
@@ -160,6 +179,35 @@ class Units(_Strict):
         return self
 
 
+class Classifier(_Strict):
+    """The windows and settings of the detection, fuzzing and embedding scorers (docs/method.md §6)."""
+    examples: Literal["stratified", "top"] = Field(
+        "stratified", description="stratified = activating windows drawn from equal-count bins of the window "
+                                  "maximum, non-activating ones from the windows below non_activating_below x the "
+                                  "neuron's maximum (both picked at extraction); top = the valid split's top "
+                                  "records against the random records below that fraction (nothing extracted)")
+    bins: int = Field(10, ge=1, le=100, description="quantile bins of the activating windows' maxima (deciles)")
+    per_bin: int = Field(5, ge=1, le=100, description="activating windows scored per bin")
+    n_non_activating: int = Field(50, ge=1, le=1000, description="non-activating windows scored")
+    non_activating_below: float = Field(0.1, gt=0, lt=1, description="a window is non-activating when its "
+                                        "maximum is below this fraction of the neuron's maximum")
+    highlight: float = Field(0.4, gt=0, le=1, description="fuzzing: a token is highlighted as active when it "
+                             "reaches this fraction of its window's maximum")
+    decoys: list[Literal["standard", "active"]] = Field(
+        ["standard", "active"], description="fuzzing's wrongly highlighted windows: standard = non-activating "
+                                            "windows with random tokens highlighted (row 'fuzzing'); active = "
+                                            "activating windows with inactive tokens highlighted (row "
+                                            "'fuzzing_active')")
+    batch_size: int = Field(5, ge=1, le=50, description="windows per judge call (detection, fuzzing)")
+
+    @field_validator("decoys")
+    @classmethod
+    def _decoys(cls, v: list[str]) -> list[str]:
+        if not v:
+            raise ValueError("at least one kind of decoy is needed (standard, active)")
+        return list(dict.fromkeys(v))
+
+
 class Budget(_Strict):
     max_tokens: int | None = Field(None, ge=1)
     max_cost_usd: float | None = Field(None, gt=0)
@@ -175,6 +223,7 @@ class SweepConfig(_Strict):
     explainer: Explainer = Explainer()
     simulator: Simulator = Simulator()
     scorers: list[str] = Field(["correlation"], description="registered scorers (workers/method/scorers/)")
+    classifier: Classifier = Classifier()
     shard_size: int = Field(64, ge=1, description="neurons per shard (unit of commit and resume)")
     output: str = Field("runs/default", description="run directory: local path or s3:// / gs:// URI")
     seed: int = 0
@@ -203,6 +252,13 @@ class SweepConfig(_Strict):
         if not v:
             raise ValueError("at least one scorer is needed (e.g. correlation)")
         return list(dict.fromkeys(v))
+
+    @model_validator(mode="after")
+    def _stratified_explainer(self) -> SweepConfig:
+        if self.explainer.examples == "stratified" and self.classifier.examples != "stratified":
+            raise ValueError("explainer.examples 'stratified' shows the classifier windows, which "
+                             "classifier.examples 'top' does not extract (set classifier.examples: stratified)")
+        return self
 
     # --- checks that need the subject model's shape -------------------------------------------------------
     def layer_list(self, n_layers: int) -> list[int]:

@@ -7,9 +7,13 @@ from __future__ import annotations
 
 import pyarrow as pa
 
-SCHEMA_VERSION = "1.3"  # 1.1: scores.auc; 1.2: ledger.reason; 1.3: neuron_stats.min, n_nonfinite, window_max_quantiles
+SCHEMA_VERSION = "1.4"  # 1.1: scores.auc; 1.2: ledger.reason; 1.3: neuron_stats.min, n_nonfinite, window_max_quantiles;
+# 1.4: explanations.polarity, scores.polarity, scores.f1
 VERSION_KEY = b"neuronsweep.schema_version"
 TABLE_KEY = b"neuronsweep.table"
+# JSON of the run's unit source (kind; for latents also path, format, width, hooks, the weights' sha256:
+# workers/units/source.py `UnitSet.source`), added to every file a run store writes once the run records it
+UNITS_KEY = b"neuronsweep.units"
 
 
 class SchemaVersionError(ValueError):
@@ -22,6 +26,10 @@ def _schema(name: str, fields: list[pa.Field]) -> pa.Schema:
 
 LAYER = pa.field("layer", pa.int16(), nullable=False)
 NEURON = pa.field("neuron", pa.int32(), nullable=False)
+# Which side of the unit a row explains (docs/method.md §1 "Both signs"): "positive", or "negative" (the method
+# run on the negated bottom records). Null in files written before 1.4, which hold the positive side only.
+POLARITY = pa.field("polarity", pa.string())
+POSITIVE, NEGATIVE = POLARITIES = ("positive", "negative")
 
 SEQUENCES = _schema("sequences", [
     pa.field("seq_id", pa.int64(), nullable=False),
@@ -31,7 +39,7 @@ SEQUENCES = _schema("sequences", [
 
 RECORDS = _schema("records", [
     LAYER, NEURON,
-    pa.field("kind", pa.string(), nullable=False),  # top | bottom | random | quantile
+    pa.field("kind", pa.string(), nullable=False),  # top | bottom | random | quantile | stratified | non_activating
     pa.field("rank", pa.int16(), nullable=False),
     pa.field("seq_id", pa.int64(), nullable=False),
     pa.field("activations", pa.list_(pa.float32()), nullable=False),
@@ -59,6 +67,7 @@ EXPLANATIONS = _schema("explanations", [
     pa.field("prompt_tokens", pa.int64()),
     pa.field("completion_tokens", pa.int64()),
     pa.field("created_at", pa.timestamp("ms", tz="UTC")),
+    POLARITY,
 ])
 
 SCORES = _schema("scores", [
@@ -71,6 +80,7 @@ SCORES = _schema("scores", [
     pa.field("r2", pa.float64()),
     pa.field("absdev", pa.float64()),
     pa.field("auc", pa.float64()),  # detection/fuzzing with probabilities; embedding's score is itself an AUC
+    pa.field("f1", pa.float64()),  # detection/fuzzing: F1 of the judge's answers (null in files before 1.4)
     pa.field("null_reason", pa.string()),
     pa.field("simulator_model", pa.string()),
     pa.field("simulator_mode", pa.string()),
@@ -80,6 +90,7 @@ SCORES = _schema("scores", [
     pa.field("simulated", pa.list_(pa.list_(pa.float32()))),
     pa.field("prompt_tokens", pa.int64()),
     pa.field("completion_tokens", pa.int64()),
+    POLARITY,
 ])
 
 LEDGER = _schema("ledger", [
@@ -126,6 +137,21 @@ def check_version(schema: pa.Schema, source: str = "file") -> None:
         raise SchemaVersionError(
             f"{source}: written with schema version {found.decode()}, this neuronsweep reads "
             f"{SCHEMA_VERSION.split('.')[0]}.x; upgrade neuronsweep to read it")
+
+
+def units_metadata(source: dict) -> dict[bytes, bytes]:
+    """The metadata entry naming a table's unit source."""
+    import json
+
+    return {UNITS_KEY: json.dumps(source, sort_keys=True).encode()}
+
+
+def units_of(schema: pa.Schema) -> dict | None:
+    """The unit source a file's metadata names, or None (a file written before it was recorded)."""
+    import json
+
+    raw = (schema.metadata or {}).get(UNITS_KEY)
+    return json.loads(raw) if raw else None
 
 
 def to_table(name: str, rows: list[dict]) -> pa.Table:

@@ -158,6 +158,7 @@ def status(run: Annotated[str, typer.Argument(help="run directory or URI")],
     """Counts, throughput, cost so far and failures by reason, from the run directory alone."""
     from orchestrator.pipeline import committed_summaries
     from orchestrator.results.reader import RunReader
+    from orchestrator.units import recorded_source, units_line
 
     store = _open(run)
     plan = plan_of_run(store)
@@ -165,11 +166,13 @@ def status(run: Annotated[str, typer.Argument(help="run directory or URI")],
         check_committed_shards(plan, store)
     p = RunReader(store).progress()
     span = _commit_span_s(committed_summaries(store).values())
-    st = {**p.to_dict(), "wall_s": span, "neurons_per_s": p.processed / span if span else 0.0}
+    units = recorded_source(store)
+    st = {**p.to_dict(), "wall_s": span, "neurons_per_s": p.processed / span if span else 0.0, "units": units}
     if as_json:
         out.print_json(json.dumps(st, default=str))
         return
     t = Table(show_header=False, box=None)
+    t.add_row("units", escape(units_line(units)))
     t.add_row("planned", f"{p.planned:,}" if p.planned is not None else "?")
     for k in ("done", "failed", "skipped", "pending"):
         t.add_row(k, f"{st[k]:,}")
@@ -205,11 +208,17 @@ def show(run: Annotated[str, typer.Argument(help="run directory or URI")], layer
          n_records: Annotated[int, typer.Option("--records", help="top records to print")] = 3) -> None:
     """A neuron's explanation, scores and top records with their activations."""
     from orchestrator.results.reader import RunReader
+    from orchestrator.units import recorded_source, unit_label
 
-    d = RunReader(_open(run)).neuron(layer, neuron)
+    store = _open(run)
+    d = RunReader(store).neuron(layer, neuron)
     led = d["ledger"]
-    out.print(f"[bold]layer {layer} neuron {neuron}[/]: {led['status'] if led else 'not processed yet'}"
+    out.print(f"[bold]{escape(unit_label(recorded_source(store), layer, neuron))}[/]: "
+              f"{led['status'] if led else 'not processed yet'}"
               + escape(f" ({led['error']})" if led and led.get("error") else ""))
+    negative = d.get("negative")  # its negative side, where explained too (docs/method.md §1 "Both signs")
+    if negative:
+        out.print(" positive side:")
     for e in d["explanations"]:
         mark = "*" if e.get("selected") else " "
         out.print(escape(f" {mark} explanation [{e['candidate']}]: {e['explanation']}"))
@@ -218,6 +227,17 @@ def show(run: Annotated[str, typer.Argument(help="run directory or URI")], layer
     for r in d["records"]["top"][:n_records]:
         text = "".join(f"{tok}[{act:.2f}]" if act > 0 else tok for tok, act in zip(r["tokens"], r["activations"]))
         out.print(f"   top #{r['rank']} (max {r['max_activation']:.3f}): {text!r}", markup=False, highlight=False)
+    if negative:
+        out.print(" negative side (bottom records, negated):")
+        for e in negative["explanations"]:
+            mark = "*" if e.get("selected") else " "
+            out.print(escape(f" {mark} explanation [{e['candidate']}]: {e['explanation']}"))
+        for s in negative["scores"]:
+            out.print(score_line(s))
+        for r in d["records"]["bottom"][:n_records]:
+            text = "".join(f"{tok}[{act:.2f}]" if act < 0 else tok for tok, act in zip(r["tokens"], r["activations"]))
+            out.print(f"   bottom #{r['rank']} (min {min(r['activations'], default=0.0):.3f}): {text!r}", markup=False,
+                      highlight=False)
 
 
 @app.command()

@@ -7,7 +7,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.dataset as ds
 
-from orchestrator.extraction.quantiles import quantile_chunks, quantile_rows
+from orchestrator.extraction.quantiles import quantile_chunks, quantile_rows, rows_by_kind
 from orchestrator.store import RunStore
 from schemas.layout import (
     HIDDEN_PREFIXES,
@@ -46,14 +46,19 @@ def check_coverage(heads: dict[int, dict], n_chunks: int) -> None:
 
 def write_outputs(store: RunStore, spec: CollectorSpec, heads: dict[int, dict], n_chunks: int) -> None:
     check_coverage(heads, n_chunks)
-    picks = tensor_load(read_bytes(store, QUANTILE_PICKS))["picks"] if spec.n_per_quantile else None
+    saved = tensor_load(read_bytes(store, QUANTILE_PICKS)) if spec.sketch_per_bucket else None
+    picks = saved["picks"] if saved is not None else None
     if picks is not None:
         chunk_windows = store.read_json(SEQUENCES_MANIFEST)["chunk_windows"]
         q_chunks = quantile_chunks(picks, chunk_windows)
     for layer in spec.layers:
         c = merged_layer(store, spec, heads, layer)
-        extra = quantile_rows(store, layer, q_chunks, picks[layer]) if picks is not None else None
-        records = c.records_table(extra)
+        extras = None
+        if saved is not None:  # quantile records and/or classifier windows
+            layer_picks = saved["picks"][layer]
+            extras = rows_by_kind(quantile_rows(store, layer, q_chunks, layer_picks),
+                                  saved.get("kinds") or [("quantile", layer_picks.shape[1])])
+        records = c.records_table(extras)
         for start in range(0, spec.n_neurons, NEURONS_PER_FILE):
             end = min(start + NEURONS_PER_FILE, spec.n_neurons)
             part = records.filter(pc.and_(pc.greater_equal(records["neuron"], start),
@@ -65,8 +70,8 @@ def write_outputs(store: RunStore, spec: CollectorSpec, heads: dict[int, dict], 
 def read_records(store: RunStore, layer: int, neuron_start: int, neuron_end: int,
                  columns: list[str] | None = None) -> pa.Table:
     """Records of neurons [neuron_start, neuron_end) of one layer, opening only the files that hold them.
-    Rows come sorted by neuron, kind (top, bottom, random, quantile) and rank; the `layer` column is not
-    included."""
+    Rows come sorted by neuron, kind (top, bottom, random, quantile, stratified, non_activating) and rank; the
+    `layer` column is not included."""
     paths = []
     for path in store.list_files(partition_dir("records", layer)):
         name = path.rsplit("/", 1)[-1]

@@ -2,6 +2,7 @@
 only with the same ones) and the corpus cut into windows, one `sequences` part per chunk."""
 from __future__ import annotations
 
+from orchestrator.extraction.quantiles import classifier_windows_plan
 from orchestrator.store import RunStore
 from schemas.config import SweepConfig
 from schemas.layout import EXTRACT_PLAN, SEQUENCES_MANIFEST, sequences_part, table_file
@@ -15,9 +16,10 @@ DEFAULT_CHUNK_WINDOWS = 512
 STATE_FORMAT = 2
 # settings that must match for a run directory's partial extraction to be continued
 PLAN_KEYS = ("model", "layers", "n_neurons", "seq_len", "top_k", "n_random", "seed", "corpus", "max_windows",
-             "chunk_windows", "quantiles", "n_per_quantile", "bottom_k", "state_format", "units")
+             "chunk_windows", "quantiles", "n_per_quantile", "bottom_k", "state_format", "units", "classifier")
 # plans written before these settings existed
-PLAN_DEFAULTS = {"quantiles": False, "n_per_quantile": 2, "bottom_k": 0, "state_format": 1, "units": None}
+PLAN_DEFAULTS = {"quantiles": False, "n_per_quantile": 2, "bottom_k": 0, "state_format": 1, "units": None,
+                 "classifier": None}
 
 
 def bottom_k_for(cfg: SweepConfig, architecture: str) -> int:
@@ -33,15 +35,23 @@ def bottom_k_for(cfg: SweepConfig, architecture: str) -> int:
     return cfg.records.top_k if mlp is not None and mlp[0].startswith("gated") else 0
 
 
-def checked_plan(cfg: SweepConfig, store: RunStore, info, layers: list[int], chunk_windows: int) -> dict:
+def checked_plan(cfg: SweepConfig, store: RunStore, info, layers: list[int], chunk_windows: int,
+                 unit_source: dict | None = None) -> dict:
     plan = {"model": info.name, "layers": layers, "n_neurons": info.n_neurons, "seq_len": cfg.corpus.seq_len,
             "top_k": cfg.records.top_k, "n_random": cfg.records.n_random, "seed": cfg.seed,
             "corpus": cfg.corpus.source, "max_windows": cfg.corpus.max_windows, "chunk_windows": chunk_windows,
             "quantiles": cfg.records.quantiles, "n_per_quantile": cfg.records.n_per_quantile,
             "bottom_k": bottom_k_for(cfg, info.architecture), "state_format": STATE_FORMAT,
-            "units": None if cfg.units.kind == "mlp_neuron" else cfg.units.model_dump(mode="json")}
+            "units": None if cfg.units.kind == "mlp_neuron" else cfg.units.model_dump(mode="json"),
+            "classifier": classifier_windows_plan(cfg)}
+    if unit_source:  # latents: their dictionary, weights hash included (workers/units/source.py)
+        plan["unit_source"] = unit_source
     if store.exists(EXTRACT_PLAN):
         old = {**PLAN_DEFAULTS, **store.read_json(EXTRACT_PLAN)}
+        if unit_source:
+            from workers.units.source import check_same_source
+
+            check_same_source(old.get("unit_source"), unit_source, store.root)
         if not plan["quantiles"]:  # n_per_quantile is unused then
             old["n_per_quantile"] = plan["n_per_quantile"] = PLAN_DEFAULTS["n_per_quantile"]
         diff = [k for k in PLAN_KEYS if k != "chunk_windows" and old.get(k) != plan[k]]

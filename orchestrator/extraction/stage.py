@@ -58,14 +58,15 @@ def run_extraction(cfg: SweepConfig, store: RunStore, *, n_actors: int | None = 
         info = replace(info, n_neurons=units["n_neurons"])
     cfg.check_against_model(info.n_layers, info.n_neurons, info.max_positions)
     layers = units["unit_layers"] if units else cfg.layer_list(info.n_layers)
-    plan = checked_plan(cfg, store, info, layers, chunk_windows or DEFAULT_CHUNK_WINDOWS)
+    plan = checked_plan(cfg, store, info, layers, chunk_windows or DEFAULT_CHUNK_WINDOWS,
+                        units["units"] if units else None)
     manifest = write_sequences(cfg, store, plan["chunk_windows"])
     n_chunks, n_windows = manifest["n_chunks"], manifest["n_windows"]
     quantiles = cfg.records.quantiles
     spec = CollectorSpec(layers, info.n_neurons, cfg.corpus.seq_len, cfg.records.top_k, cfg.records.n_random,
                          cfg.seed, corpus=range(n_windows),  # write_sequences numbers the windows 0..n-1
                          bottom_k=plan["bottom_k"], n_per_quantile=cfg.records.n_per_quantile if quantiles else 0,
-                         units=plan.get("units"))
+                         units=plan.get("units"), **(plan.get("classifier") or {}))
     heads = slot_heads(store)
     done = {c for h in heads.values() for c in h["done_chunks"]}
     todo = [c for c in range(n_chunks) if c not in done]
@@ -76,7 +77,7 @@ def run_extraction(cfg: SweepConfig, store: RunStore, *, n_actors: int | None = 
         if todo:
             pool.map("process", todo, lambda r, slot: tracker.chunk_done(r.windows, r.tokens, slot, r.seconds))
         tracker.close()
-        if quantiles:
+        if spec.sketch_per_bucket:  # quantile records or classifier windows
             heads = slot_heads(store)
             check_coverage(heads, n_chunks)
             picks = planned_quantile_picks(store, spec, heads)
@@ -95,6 +96,7 @@ def run_extraction(cfg: SweepConfig, store: RunStore, *, n_actors: int | None = 
               "n_random": cfg.records.n_random,
               "seed": cfg.seed, "corpus": cfg.corpus.source, "neurons_per_file": NEURONS_PER_FILE,
               "quantiles": quantiles, "n_per_quantile": cfg.records.n_per_quantile if quantiles else 0,
+              "classifier": plan.get("classifier"),
               "completed_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
     store.write_json(EXTRACT_MARKER, marker)
     seconds = time.monotonic() - t0

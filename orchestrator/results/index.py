@@ -1,7 +1,8 @@
 """The run's neuron index and what is computed from it: pure functions over Arrow tables, no files.
 
 `build_index` joins the ledger (each neuron's latest row) with the selected explanation and the headline
-score; `query_index` pages, filters and searches it; `summarize_progress` counts it against the plan. The
+score of its positive side, and of its negative side where it has one (docs/method.md §1 "Both signs");
+`query_index` pages, filters and searches it; `summarize_progress` counts it against the plan. The
 reader (reader.py) feeds them the tables it reads from a run directory; `neuronsweep status/show`, the viewer
 and the report share them.
 """
@@ -13,12 +14,12 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from schemas.tables import TABLES
+from schemas.tables import NEGATIVE, POSITIVE, TABLES
 
 HEADLINE_SCORER = "correlation"
 SCORE_COLUMNS = ["score", "score_top", "score_random", "r2", "absdev", "null_reason", "simulator_model",
                  "simulator_mode"]
-SORTABLE = ("score", "layer", "neuron", "score_top", "score_random", "r2", "absdev", "cost_usd")
+SORTABLE = ("score", "layer", "neuron", "score_top", "score_random", "r2", "absdev", "cost_usd", "negative_score")
 SPEND_COLUMNS = ("prompt_tokens", "completion_tokens", "cost_usd")  # summed over a neuron's ledger rows
 
 
@@ -53,13 +54,25 @@ def _prefer_ledger_shard(table: pa.Table, ledger: pa.Table, keys: list[str], ord
     return last_per_key(t, keys, ["_match", *order]).drop_columns(["_match"])
 
 
+def side(table: pa.Table, polarity: str) -> pa.Table:
+    """The rows of one side of the units (`polarity`); a row without one (a table from before schema 1.4, when
+    only the positive side was explained) is positive."""
+    if "polarity" not in table.column_names:
+        return table if polarity == POSITIVE else table.slice(0, 0)
+    return table.filter(pc.equal(pc.fill_null(table["polarity"], POSITIVE), polarity))
+
+
 def build_index(ledger: pa.Table, explanations: pa.Table, scores: pa.Table,
                 headline: str = HEADLINE_SCORER) -> pa.Table:
-    """One row per neuron in the ledger: its latest status, its selected explanation, its `headline` score
-    (columns `score`, `score_top`, ...) and the plain score of every other scorer (`<scorer>_score`). Its tokens
-    and cost are the sums over all its ledger rows: a failed attempt that a retry redid was paid for too.
+    """One row per neuron in the ledger: its latest status, its positive side's selected explanation, `headline`
+    score (columns `score`, `score_top`, ...) and the plain score of every other scorer (`<scorer>_score`), and
+    its negative side's selected explanation and `headline` score (`negative_explanation`, `negative_score`,
+    null where it has none). Its tokens and cost are the sums over all its ledger rows (both sides; a failed
+    attempt that a retry redid was paid for too).
 
     Every input has `layer`, `neuron` and a `shard` column (the file's shard id, or null)."""
+    negative_expl, negative_scores = side(explanations, NEGATIVE), side(scores, NEGATIVE)
+    explanations, scores = side(explanations, POSITIVE), side(scores, POSITIVE)
     led = latest_ledger(ledger)
     spend = [c for c in SPEND_COLUMNS if c in ledger.column_names]
     if spend and led.num_rows < ledger.num_rows:  # some neuron has more than one row
@@ -90,16 +103,37 @@ def build_index(ledger: pa.Table, explanations: pa.Table, scores: pa.Table,
         part = best.filter(pc.equal(best["scorer"], scorer)).select(["layer", "neuron", "score"]) \
             .rename_columns(["layer", "neuron", f"{scorer}_score"])
         idx = idx.join(part, ["layer", "neuron"], join_type="left outer")
+    idx = _join_negative(idx, led, negative_expl, negative_scores, headline)
     order = pc.sort_indices(idx, sort_keys=[("layer", "ascending"), ("neuron", "ascending")])
     return idx.take(order).combine_chunks()
+
+
+def _join_negative(idx: pa.Table, led: pa.Table, expl: pa.Table, scores: pa.Table, headline: str) -> pa.Table:
+    """`negative_explanation` and `negative_score` (with its `negative_null_reason`) of each neuron."""
+    if expl.num_rows:
+        sel = expl.filter(pc.fill_null(expl["selected"], True))
+        sel = _prefer_ledger_shard(sel, led, ["layer", "neuron"], ["created_at", "candidate"]) \
+            .select(["layer", "neuron", "explanation"]).rename_columns(["layer", "neuron", "negative_explanation"])
+        idx = idx.join(sel, ["layer", "neuron"], join_type="left outer")
+    else:
+        idx = idx.append_column("negative_explanation", pa.nulls(idx.num_rows, pa.string()))
+    head = scores.filter(pc.equal(scores["scorer"], headline)) if scores.num_rows else scores
+    if head.num_rows:
+        head = _prefer_ledger_shard(head, led, ["layer", "neuron"], ["candidate"]) \
+            .select(["layer", "neuron", "score", "null_reason"]) \
+            .rename_columns(["layer", "neuron", "negative_score", "negative_null_reason"])
+        return idx.join(head, ["layer", "neuron"], join_type="left outer")
+    return idx.append_column("negative_score", pa.nulls(idx.num_rows, pa.float64())) \
+        .append_column("negative_null_reason", pa.nulls(idx.num_rows, pa.string()))
 
 
 def query_index(index: pa.Table, *, layer: int | None = None, min_score: float | None = None,
                 max_score: float | None = None, text: str | None = None, status: str | None = None,
                 sort: str = "score", descending: bool = True, offset: int = 0,
                 limit: int = 50) -> tuple[pa.Table, int]:
-    """One page of the index and the number of rows that match. `text` matches explanations that contain
-    every one of its words (case-insensitive). A score range leaves out null scores. Nulls sort last."""
+    """One page of the index and the number of rows that match. `text` matches neurons with an explanation (of
+    either side) that contains every one of its words (case-insensitive). A score range leaves out null scores.
+    Nulls sort last."""
     mask = None
 
     def both(m):
@@ -114,8 +148,16 @@ def query_index(index: pa.Table, *, layer: int | None = None, min_score: float |
         both(pc.greater_equal(index["score"], min_score))
     if max_score is not None:
         both(pc.less_equal(index["score"], max_score))
-    for word in (text or "").split():
-        both(pc.match_substring(index["explanation"], word, ignore_case=True))
+    words = (text or "").split()
+    sides = [c for c in ("explanation", "negative_explanation") if c in index.column_names]
+    if words and sides:
+        masks = []
+        for c in sides:
+            m = pc.match_substring(index[c], words[0], ignore_case=True)
+            for word in words[1:]:
+                m = pc.and_kleene(m, pc.match_substring(index[c], word, ignore_case=True))
+            masks.append(pc.fill_null(m, False))
+        both(masks[0] if len(masks) == 1 else pc.or_(*masks))
     t = index if mask is None else index.filter(pc.fill_null(mask, False))
     if sort not in SORTABLE or sort not in t.column_names:
         sort = "score"

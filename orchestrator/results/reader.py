@@ -35,15 +35,15 @@ from orchestrator.results.index import (
 )
 from orchestrator.store import RunStore
 from schemas.layout import EXTRACT_MARKER, RUN_FILE, SHARD_TABLES, shard_of_file
-from schemas.tables import TABLES, check_version
+from schemas.tables import NEGATIVE, POLARITIES, POSITIVE, TABLES, check_version
 
 # what the index keeps of each table (per-record lists stay on disk)
 INDEX_COLUMNS = {
     "ledger": ["neuron", "status", "attempts", "error", "reason", "updated_at", "shard_id", "prompt_tokens",
                "completion_tokens", "cost_usd", "elapsed_s"],
     "explanations": ["neuron", "explanation", "candidate", "selected", "explainer_model", "created_at",
-                     "prompt_tokens", "completion_tokens"],
-    "scores": ["neuron", "candidate", "scorer", *SCORE_COLUMNS],
+                     "prompt_tokens", "completion_tokens", "polarity"],
+    "scores": ["neuron", "candidate", "scorer", "polarity", *SCORE_COLUMNS],
 }
 
 
@@ -80,9 +80,13 @@ def read_all(store: RunStore, table: str, columns: list[str] | None = None) -> p
 
 
 def _conform(t: pa.Table, table: str, columns: list[str]) -> pa.Table:
-    """Missing nullable columns (an older minor version) become nulls; types are the schema's."""
+    """Missing nullable columns (an older minor version) become nulls; types are the schema's. A row without a
+    `polarity` (written before schema 1.4, when only the positive side was explained) reads as positive."""
     target = _empty(table, columns).schema
     arrays = [t[f.name].cast(f.type) if f.name in t.column_names else pa.nulls(t.num_rows, f.type) for f in target]
+    if "polarity" in target.names:
+        i = target.get_field_index("polarity")
+        arrays[i] = pc.fill_null(arrays[i], POSITIVE)
     return pa.Table.from_arrays(arrays, schema=target)
 
 
@@ -186,7 +190,11 @@ def _read_partition(store: RunStore, table: str, layer: int, neuron: int, shard:
         files = [i.path for i in committed_files(store, table, layer=layer)]
     if not files:
         return _empty(table, cols)
-    d = store.open_dataset(files)  # version-checked; a damaged file: one line naming it and what to do
+    # the current schema, not the first file's: a file of an older minor version (say, without `polarity`) next to
+    # newer ones reads its missing columns as nulls, and theirs are kept; version-checked; a damaged file: one line
+    # naming it and what to do
+    schema = TABLES[table]
+    d = store.open_dataset(files, schema=pa.schema([f for f in schema if f.name != "layer"], metadata=schema.metadata))
     t = d.to_table(columns=[*d.schema.names, "__filename"], filter=ds.field("neuron") == neuron)
     names = t["__filename"].to_pylist()
     t = t.drop_columns(["__filename"]).add_column(0, "layer", pa.array([layer] * t.num_rows, pa.int16()))
@@ -207,8 +215,11 @@ def neuron_detail(store: RunStore, layer: int, neuron: int, shard: str | None = 
     """Everything stored about one neuron, with each record's tokens joined from `sequences`:
     {layer, neuron, ledger (latest row or None), stats, explanations (selected first), scores,
      records: {top, bottom, random, quantile: [{rank, seq_id, tokens, activations, max_activation}]},
-     scored: {scorer: [{seq_id, kind, tokens, true, simulated, per_sequence}]}}.
-    `shard` (the ledger's shard id, when the caller knows it) limits the reads to that shard's files."""
+     scored: {scorer: [{seq_id, kind, tokens, true, simulated, per_sequence}]},
+     negative: None, or the negative side's {explanations, scores, scored} (docs/method.md §1 "Both signs")}.
+    The top-level explanations, scores and scored are the positive side's. The negative side's scored records
+    carry the negated activations it was scored on (`true`). `shard` (the ledger's shard id, when the caller
+    knows it) limits the reads to that shard's files."""
     ledger = _read_partition(store, "ledger", layer, neuron, shard)
     led = latest_ledger(ledger).to_pylist()[0] if ledger.num_rows else None
     expl = _read_partition(store, "explanations", layer, neuron, shard)
@@ -225,15 +236,32 @@ def neuron_detail(store: RunStore, layer: int, neuron: int, shard: str | None = 
     seq_ids = [r["seq_id"] for r in recs] + [s for sc in scores for s in (sc["seq_ids"] or [])]
     tokens = sequence_tokens(store, seq_ids)
     records: dict[str, list] = {"top": [], "bottom": [], "random": [], "quantile": []}
-    true_by_seq: dict[int, tuple[str, list]] = {}
+    # seq_id -> (kind, activations) a side was scored on: the positive side's windows are never bottom records,
+    # the negative side's are its bottom (else random) records, negated
+    true_by_seq: dict[str, dict[int, tuple[str, list]]] = {POSITIVE: {}, NEGATIVE: {}}
     for r in sorted(recs, key=lambda r: (r["kind"], r["rank"])):
         records.setdefault(r["kind"], []).append({
             "rank": r["rank"], "seq_id": r["seq_id"], "tokens": tokens.get(r["seq_id"], []),
             "activations": r["activations"], "max_activation": r["max_activation"]})
-        true_by_seq.setdefault(r["seq_id"], (r["kind"], r["activations"]))
+        if r["kind"] != "bottom":
+            true_by_seq[POSITIVE].setdefault(r["seq_id"], (r["kind"], r["activations"]))
+        if r["kind"] in ("bottom", "random"):
+            negated = [None if x is None else -x for x in r["activations"]]
+            true_by_seq[NEGATIVE].setdefault(r["seq_id"], (r["kind"], negated))
+    sides = {p: {"explanations": [r for r in expl_rows if r["polarity"] == p],
+                 "scores": [r for r in scores if r["polarity"] == p],
+                 "scored": _scored(scores, p, tokens, true_by_seq[p])} for p in POLARITIES}
+    negative = sides[NEGATIVE] if sides[NEGATIVE]["explanations"] or sides[NEGATIVE]["scores"] else None
+    return {"layer": layer, "neuron": neuron, "ledger": led, "stats": stats[0] if stats else None,
+            **sides[POSITIVE], "records": records, "negative": negative}
+
+
+def _scored(scores: list[dict], polarity: str, tokens: dict[int, list[str]],
+            true_by_seq: dict[int, tuple[str, list]]) -> dict[str, list]:
+    """scorer -> the records one side's simulation scored, each with its true and simulated values."""
     scored: dict[str, list] = {}
     for sc in scores:
-        if not sc.get("simulated"):
+        if sc["polarity"] != polarity or not sc.get("simulated"):
             continue
         per = sc.get("per_sequence") or []
         scored[sc["scorer"]] = [{
@@ -241,5 +269,4 @@ def neuron_detail(store: RunStore, layer: int, neuron: int, shard: str | None = 
             "true": true_by_seq.get(s, ("?", []))[1], "simulated": sim,
             "per_sequence": per[i] if i < len(per) else None}
             for i, (s, sim) in enumerate(zip(sc["seq_ids"] or [], sc["simulated"]))]
-    return {"layer": layer, "neuron": neuron, "ledger": led, "stats": stats[0] if stats else None,
-            "explanations": expl_rows, "scores": scores, "records": records, "scored": scored}
+    return scored

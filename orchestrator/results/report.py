@@ -5,6 +5,10 @@
 Writes score_distribution.png, score_by_layer.png, top_vs_random.png and summary.md (neurons done, the share
 scoring >= 0.8 and >= 0.5, the best neurons per layer, failures by reason, tokens and cost per neuron). Shares
 and means count only defined scores (an undefined score is null and is left out, docs/method.md §6).
+
+Scores, shares and plots are the positive side's. A neuron's negative side (docs/method.md §1 "Both signs") is
+a unit of its own, never averaged in: the summary reports it in its own lines (how many neurons have one, its
+shares and mean), and tokens and cost cover both sides.
 """
 from __future__ import annotations
 
@@ -23,6 +27,7 @@ import pyarrow.compute as pc  # noqa: E402
 from orchestrator.results.index import Progress  # noqa: E402
 from orchestrator.results.reader import RunReader  # noqa: E402
 from orchestrator.store import RunStore  # noqa: E402
+from orchestrator.units import recorded_source, units_line  # noqa: E402
 
 THRESHOLDS = (0.8, 0.5)
 BEST_PER_LAYER = 3
@@ -70,12 +75,15 @@ def plot_top_vs_random(top: list[float], random: list[float], path: Path) -> Non
 
 
 def summary_markdown(index: pa.Table, progress: Progress, *, run: str, headline: str,
-                     best_per_layer: int = BEST_PER_LAYER) -> str:
-    """The Markdown summary (pure: from the index and the progress)."""
+                     best_per_layer: int = BEST_PER_LAYER, units: str | None = None) -> str:
+    """The Markdown summary (pure: from the index and the progress; `units`: the run's units in one line,
+    orchestrator/units.py `units_line`)."""
     scored = _done_scores(index)
     scores = scored["score"].to_numpy() if scored.num_rows else np.array([])
     p = progress
     lines = [f"# neuronsweep report: {run}", ""]
+    if units:
+        lines.append(f"- units: {units}")
     planned = f" of {p.planned} planned" if p.planned is not None else ""
     lines += [f"- neurons done: **{p.done}**{planned} (failed {p.failed}, skipped {p.skipped}, "
               f"pending {p.pending if p.pending is not None else 'unknown'})",
@@ -85,6 +93,7 @@ def summary_markdown(index: pa.Table, progress: Progress, *, run: str, headline:
         lines.append(f"- share with score ≥ {t}: **{share}** ({int((scores >= t).sum())} neurons)")
     if len(scores):
         lines.append(f"- mean score {scores.mean():.3f}, median {np.median(scores):.3f}")
+    lines += _negative_lines(index, headline)
     per = p.processed or 0
     lines += [f"- tokens: {p.prompt_tokens:,} prompt + {p.completion_tokens:,} completion"
               + (f" = {(p.prompt_tokens + p.completion_tokens) / per:,.0f} per processed neuron" if per else ""),
@@ -107,6 +116,28 @@ def summary_markdown(index: pa.Table, progress: Progress, *, run: str, headline:
     return "\n".join(lines)
 
 
+def _negative_lines(index: pa.Table, headline: str) -> list[str]:
+    """The negative sides' own figures (never mixed into the positive side's above)."""
+    if "negative_explanation" not in index.column_names:
+        return []
+    done = index.filter(pc.equal(index["status"], "done"))
+    sides = done.filter(pc.or_(pc.is_valid(done["negative_explanation"]), pc.is_valid(done["negative_null_reason"])))
+    if not sides.num_rows:
+        return ["- negative sides explained: 0 (docs/method.md §1 \"Both signs\"; the figures above are the "
+                "positive side's)"]
+    neg = [s for s in sides["negative_score"].to_pylist() if s is not None]
+    failed = sides.num_rows - pc.sum(pc.is_valid(sides["negative_explanation"])).as_py()  # no explanation: failed
+    scores = np.array(neg)
+    lines = [f"- negative sides explained: **{sides.num_rows}** neurons ({failed} failed), with a defined "
+             f"{headline} score: {len(neg)}; reported apart, the figures above are the positive side's"]
+    for t in THRESHOLDS:
+        share = f"{(scores >= t).mean():.1%}" if len(scores) else "n/a"
+        lines.append(f"- negative side: share with score ≥ {t}: **{share}** ({int((scores >= t).sum())} neurons)")
+    if len(scores):
+        lines.append(f"- negative side: mean score {scores.mean():.3f}, median {np.median(scores):.3f}")
+    return lines
+
+
 def write_report(store: RunStore, out_dir: str | Path, *, run_name: str | None = None) -> dict[str, Path]:
     """Write the plots and summary.md into `out_dir`; returns their paths by name."""
     out = Path(out_dir)
@@ -124,5 +155,6 @@ def write_report(store: RunStore, out_dir: str | Path, *, run_name: str | None =
         if scored.num_rows else scored
     plot_top_vs_random(both["score_top"].to_pylist(), both["score_random"].to_pylist(), paths["top_vs_random"])
     paths["summary"] = out / "summary.md"
-    paths["summary"].write_text(summary_markdown(index, progress, run=run_name or store.root, headline=headline))
+    paths["summary"].write_text(summary_markdown(index, progress, run=run_name or store.root, headline=headline,
+                                                 units=units_line(recorded_source(store))))
     return paths

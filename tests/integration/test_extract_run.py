@@ -1,4 +1,6 @@
 """The extraction stage against a run directory: outputs, resume after SIGKILL, Ray actors, CLI, bad input."""
+import asyncio
+import json
 import os
 import signal
 import subprocess
@@ -15,15 +17,19 @@ import torch
 from orchestrator.extraction import run_extraction
 from orchestrator.extraction.outputs import read_records
 from orchestrator.extraction.plan import bottom_k_for, checked_plan
+from orchestrator.plan import Shard
+from orchestrator.shards import StoreRecordSource
 from orchestrator.store import RunStore
 from schemas.config import ConfigError, SweepConfig
 from schemas.layout import EXTRACT_MARKER, EXTRACT_PLAN
+from testing.stubs import RuleStubBackend
 from workers.extract import capture
 from workers.extract.checkpoint import slot_heads
 from workers.extract.corpus import CorpusError
 from workers.extract.errors import ExtractError
-from workers.extract.sketch import sketch_picks_py
+from workers.extract.sketch import classifier_picks_py, sketch_picks_py
 from workers.extract.worker import ExtractWorker
+from workers.method.neuron import explain_and_score
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -191,6 +197,59 @@ def test_quantile_and_bottom_records_equal_brute_force_and_the_quantile_pass_res
     assert again.chunks_processed == 0 and redone == [1]
     after = tables(store)
     assert before[0].equals(after[0]) and before[1].equals(after[1])
+
+
+def test_classifier_windows_equal_the_slow_reference_beside_quantile_records(tmp_path, tiny_llama):
+    """A scorer that labels classifier windows (detection) makes extraction pick them in the quantile pass: per
+    neuron, the stratified and non-activating rows are what the slow reference picks from the brute-force window
+    maxima and the neuron's max, with the brute-force activations; every non-activating window stays below the
+    configured fraction of the max. Quantile records are picked as before beside them."""
+    cfg = config(tmp_path, model={"name": "tiny-llama", "batch_size": 7}, corpus={"seq_len": 8, "max_windows": 120},
+                 records={"n_per_quantile": 2}, scorers=["correlation", "detection"],
+                 classifier={"bins": 4, "per_bin": 2, "n_non_activating": 5, "non_activating_below": 0.3})
+    store = RunStore.open(str(tmp_path), create=True)
+    run_extraction(cfg, store, use_ray=False, chunk_windows=32)
+    token_ids = torch.tensor(store.read_table("sequences")["token_ids"].to_pylist())
+    acts = {0: [], 1: []}
+    hooks = [tiny_llama.down_proj(layer).register_forward_pre_hook(
+        lambda m, a, layer=layer: acts[layer].append(a[0].numpy().copy())) for layer in (0, 1)]
+    with torch.no_grad():
+        for lo in range(0, 120, 32):
+            for i in range(lo, min(lo + 32, 120), 7):
+                tiny_llama.model(token_ids[i:min(i + 7, lo + 32, 120)])
+    for h in hooks:
+        h.remove()
+    got = {}
+    for r in store.read_table("records").to_pylist():
+        got.setdefault((r["layer"], r["neuron"]), {}).setdefault(r["kind"], []).append(r)
+    n_low = 0
+    for layer in (0, 1):
+        full = np.concatenate(acts[layer])  # [120, 8, 64]
+        maxima = full.max(axis=1)
+        for n in range(64):
+            rows = got[(layer, n)]
+            top = float(maxima[:, n].max())
+            want = classifier_picks_py(3, layer, n, list(range(120)), maxima[:, n].tolist(), top, 4, 2, 5, 0.3)
+            picked = [(r["rank"], r["seq_id"]) for r in sorted(rows.get("stratified", []), key=lambda r: r["rank"])]
+            picked += [(8 + r["rank"], r["seq_id"]) for r in sorted(rows.get("non_activating", []),
+                                                                     key=lambda r: r["rank"])]
+            assert picked == want, (layer, n)
+            for r in rows.get("stratified", []) + rows.get("non_activating", []):
+                np.testing.assert_allclose(r["activations"], full[r["seq_id"], :, n], rtol=1e-5, atol=1e-6)
+            assert all(r["max_activation"] < 0.3 * top for r in rows.get("non_activating", []))
+            n_low += len(rows.get("non_activating", []))
+            assert [(r["rank"], r["seq_id"]) for r in rows["quantile"]] == \
+                sketch_picks_py(3, layer, n, list(range(120)), maxima[:, n].tolist(), 2)
+    assert n_low > 64  # most neurons have quiet windows
+    assert store.read_json(EXTRACT_MARKER)["classifier"] == {
+        "classifier_bins": 4, "classifier_per_bin": 2, "n_non_activating": 5, "non_activating_below": 0.3}
+    # a shard reads them back as the neuron's classifier windows, and detection scores on them
+    records = StoreRecordSource(store).load(Shard(1, (0, 1)))[0]
+    assert [r.seq_id for r in records.stratified] == [r["seq_id"] for r in got[(1, 0)]["stratified"]]
+    assert [r.seq_id for r in records.non_activating] == [r["seq_id"] for r in got[(1, 0)].get("non_activating", [])]
+    res = asyncio.run(explain_and_score(records, RuleStubBackend(), RuleStubBackend(), cfg))
+    detection = next(r for r in res.score_rows if r["scorer"] == "detection")
+    assert json.loads(detection["settings"])["protocol"] == "stratified"
 
 
 KILLER = textwrap.dedent("""

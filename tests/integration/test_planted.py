@@ -53,6 +53,6 @@ def test_the_stub_explainer_recovers_the_planted_rule_end_to_end(windows, rule):
                                        SweepConfig(scorers=["correlation", "detection", "fuzzing"])))
     assert res.error is None and res.explanation == RULES[rule].phrase
     rows = {r["scorer"]: r for r in res.score_rows}
-    assert rows["correlation"]["score"] > 0.9 and rows["fuzzing"]["score"] >= 0.9
+    assert rows["correlation"]["score"] > 0.9 and rows["fuzzing_active"]["score"] >= 0.9
     detection = rows["detection"]
     assert detection["score"] == 1.0 or detection["null_reason"].startswith("no non-activating windows")

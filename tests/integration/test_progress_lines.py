@@ -24,7 +24,8 @@ def test_a_sweep_writing_to_a_file_prints_progress_lines_at_the_interval(tmp_pat
     args = [sys.executable, "-m", "orchestrator.cli.app", "sweep", "--model", "tiny-llama", "--layers", "0",
             "--neurons", "0-7", "--out", str(run), "--set", "corpus.max_windows=96", "--set", "metrics_port=0",
             "--set", "explainer.model=tiny-llama", "--set", "simulator.model=tiny-llama",
-            "--set", "explainer.max_tokens=8", "--set", "shard_size=4", "--set", "progress_interval_s=1"]
+            "--set", "explainer.max_tokens=8", "--set", "shard_size=4", "--set", "progress_interval_s=1",
+            "--set", "records.negative=off"]  # the positive sides are enough to watch the lines
     env = {**os.environ, "COLUMNS": "200"}
     started = time.monotonic()
     with open(tmp_path / "stdout.log", "w") as stdout, open(tmp_path / "stderr.log", "w") as stderr:
@@ -37,7 +38,8 @@ def test_a_sweep_writing_to_a_file_prints_progress_lines_at_the_interval(tmp_pat
     stamps = [seconds(m) for m in lines]
     # one line a second for as long as the sweep ran (the process's start-up and end aside)
     assert len(lines) >= (wall - 15) * 0.6 and len(lines) >= 3
-    assert stamps == sorted(stamps) and max(b - a for a, b in zip(stamps, stamps[1:])) <= 3
+    # (a gap of a few seconds when a loaded 2-core machine leaves the printing thread waiting)
+    assert stamps == sorted(stamps) and max(b - a for a, b in zip(stamps, stamps[1:])) <= 5
     assert "\x1b[" not in text  # plain text: no terminal control codes in a log
     neurons = [m.group(5) for m in lines if m.group(4) == "neurons"]
     assert neurons and all(re.match(r" \d+/8: \d+ done, \d+ failed, \d+ skipped \| .* tokens, \$[\d.]+ \| queue \d+ "

@@ -10,6 +10,7 @@ from orchestrator.extraction import run_extraction
 from orchestrator.plan import build_plan, model_shape
 from orchestrator.store import RunStore
 from schemas.config import ConfigError, SweepConfig
+from support import planted_sae
 from testing.models import tiny_model
 from workers.units.dictionaries import load_dictionary, save_saelens, save_sparsify
 
@@ -30,25 +31,8 @@ def windows(tiny):
 
 
 def planted_encoder(tiny, windows):
-    """W_enc [32, D_SAE], b_enc, and the planted tokens: latents 0..2 fire exactly where the input embedding is
-    their token's (the residual stream before layer 0 is the token embedding), latent DEAD never fires."""
-    emb = tiny.model.get_input_embeddings().weight.detach()
-    torch.manual_seed(1)
-    w, b = torch.randn(32, D_SAE) * 0.5, torch.full((D_SAE,), -0.02)
-    planted = []
-    ids, counts = windows[:, 1:].reshape(-1).unique(return_counts=True)
-    for tok in ids[counts.argsort(descending=True)].tolist():
-        unit = emb[tok] / emb[tok].norm()
-        proj = emb @ unit
-        others = torch.cat([proj[:tok], proj[tok + 1:]]).max()
-        if proj[tok] > others + 1e-3:  # a bias between the two separates this token from every other
-            j = len(planted)
-            w[:, j], b[j] = unit, -(proj[tok] + others) / 2
-            planted.append(tok)
-        if len(planted) == 3:
-            break
-    w[:, DEAD], b[DEAD] = 0.0, -1.0
-    return w, b, planted
+    """Latents 0..2 fire exactly where the input embedding is their token's, latent DEAD never fires."""
+    return planted_sae.planted_encoder(tiny, windows, D_SAE, DEAD)
 
 
 def brute_force(tiny, windows, hidden_index, d):

@@ -104,3 +104,10 @@ def test_registered_names_pass_and_repeats_collapse():
     check_config(cfg)
     assert cfg.scorers == ["detection", "correlation"]
     check_config(SweepConfig())
+
+
+def test_a_bare_yaml_off_turns_the_negative_side_off():
+    """YAML reads `off` as false, in a file and in `--set records.negative=off`."""
+    assert SweepConfig.from_dict(yaml.safe_load("records: {negative: off}")).records.negative == "off"
+    with pytest.raises(ValueError, match="records.negative"):
+        SweepConfig.from_dict(yaml.safe_load("records: {negative: true}"))

@@ -47,6 +47,25 @@ def test_an_echoed_worked_example_or_bare_chatter_is_retried_as_malformed():
     assert (cand.text, cand.attempts) == ("commas", 3)
 
 
+def test_after_an_echoed_worked_example_the_retry_is_asked_without_worked_examples():
+    """Small models copy whichever worked example they see: the retry shows them none."""
+    backend = ScriptedBackend(["The main thing this neuron does is find years written as numbers, most strongly "
+                               "on the final digits of the year, mostly.", "The main thing this neuron does is "
+                               "find letters after a space."])
+    _, [cand] = _explain(backend)
+    assert (cand.text, cand.attempts) == ("letters after a space", 2)
+    first, second = (r["messages"] for r in backend.requests)
+    assert first == explainer_prompt(TRAIN) and len(first) == 2 + 2 * 3  # system, three worked examples, records
+    assert second == [first[0], first[-1]] == explainer_prompt(TRAIN, worked_examples=False)
+
+
+def test_without_worked_examples_the_first_try_shows_none():
+    backend = ScriptedBackend(["The main thing this neuron does is find letters after a space."])
+    _, [cand] = _explain(backend, worked_examples=False)
+    assert cand.text == "letters after a space"
+    assert backend.requests[0]["messages"] == explainer_prompt(TRAIN, worked_examples=False)
+
+
 def test_a_retry_can_succeed():
     backend = ScriptedBackend(["   ", "commas in lists"])
     _, [cand] = _explain(backend)

@@ -77,11 +77,13 @@ def test_the_reporter_counts_neurons_finished_between_commits_and_announces_the_
     with reporter:
         stats = [{"chats": 2, "chat_s": 4.0, "logprob_calls": 10, "logprob_s": 5.0, "busy_s": 30.0}]
         outcome = SimpleNamespace(planned=12, done=0, failed=0, skipped=0, prompt_tokens=10, completion_tokens=2,
-                                  cost_usd=0.0, live=Live(done=2, failed=1, model_stats=stats, model_copies=1))
+                                  cost_usd=0.0,
+                                  live=Live(done=2, failed=1, tokens=30, model_stats=stats, model_copies=1))
         reporter.on_progress(outcome)
         reporter.on_progress(outcome)
         state = reporter.lines.sweep
-    assert (state.done, state.failed, state.planned, state.tokens) == (2, 1, 12, 12)
+    # the tokens of committed shards (12) and of neurons finished since (30)
+    assert (state.done, state.failed, state.planned, state.tokens) == (2, 1, 12, 42)
     # 2 s per explanation + 20 x 0.5 s = 12 s per neuron; 12 neurons need 144 s, of which 30 s are done
     assert state.eta_s == pytest.approx(12 * 12.0 - 30.0)
     assert [p for p in printed if p.startswith("local model")] == [
@@ -91,3 +93,16 @@ def test_the_reporter_counts_neurons_finished_between_commits_and_announces_the_
 
 def test_duration():
     assert [duration(s) for s in (0, 59.4, 60, 185, 7260, None)] == ["0s", "59s", "1m00s", "3m05s", "2h01m", "?"]
+
+
+def test_once_the_models_worked_longer_than_estimated_the_eta_comes_from_the_sweeps_rate():
+    out = SimpleNamespace(is_terminal=False, print=lambda text, **_: None)
+    reporter = ProgressReporter(demo_config(), console=out, out=out, terminal=False)
+    with reporter:
+        # 12 s per neuron x 12 neurons = 144 s of model time estimated; 200 s worked already
+        stats = [{"chats": 2, "chat_s": 4.0, "logprob_calls": 10, "logprob_s": 5.0, "busy_s": 200.0}]
+        reporter.on_progress(SimpleNamespace(planned=12, done=0, failed=0, skipped=0, prompt_tokens=0,
+                                             completion_tokens=0, cost_usd=0.0,
+                                             live=Live(done=4, model_stats=stats, model_copies=1)))
+        state = reporter.lines.sweep
+    assert state.eta_s is None  # the line then shows the rate's ETA, not a floor that never moves

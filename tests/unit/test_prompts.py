@@ -11,6 +11,7 @@ from workers.method.prompts import (
     PLACEHOLDER,
     SIMULATOR_EXAMPLES,
     SIMULATOR_PROMPT_PREFIX,
+    EchoedExampleError,
     MalformedAnswerError,
     clean_explanation,
     escape_token,
@@ -119,7 +120,12 @@ def test_an_answer_repeating_a_worked_example_is_malformed(ex):
     with pytest.raises(MalformedAnswerError, match="repeats a worked example") as e:
         clean_explanation(f"{LEAD_IN} {ex.explanation.upper()}.")
     assert e.value.retryable
-    assert clean_explanation(f"{LEAD_IN} {ex.explanation} and more") == f"{ex.explanation} and more"
+    # a near echo with a word or two more (seen from SmolLM2-135M: "... function, loop, or if statement") too
+    with pytest.raises(EchoedExampleError):
+        clean_explanation(f"{LEAD_IN} {ex.explanation.replace(' ', ', ', 1)} statement, mostly.")
+    # sharing most of its words is not an echo
+    first, _, rest = ex.explanation.partition(" ")
+    assert clean_explanation(f"{LEAD_IN} {rest}") == rest
 
 
 @pytest.mark.parametrize("answer", ["", "   \n ", ".", "The main thing this neuron does is find.", "42"])

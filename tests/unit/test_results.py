@@ -63,6 +63,41 @@ def test_build_index_takes_the_latest_ledger_row_and_the_rows_of_its_shard():
         [(1, "done", "new", 0.7, 0.9), (2, "done", "two", None, None)]
 
 
+def test_build_index_keeps_each_side_in_its_own_columns():
+    """docs/method.md §1 "Both signs": the negative side never stands in for, or mixes into, the positive one; a
+    row with no polarity (schema < 1.4) is positive."""
+    ledger = _t([{"layer": 0, "neuron": n, "status": "done", "updated_at": T0, "shard_id": "S", "shard": "S"}
+                 for n in (1, 2)], LEDGER)
+    expl = pa.Table.from_pylist([
+        {"layer": 0, "neuron": 1, "explanation": "digits", "candidate": 0, "selected": True, "shard": "S",
+         "created_at": T0, "polarity": None},
+        {"layer": 0, "neuron": 1, "explanation": "commas", "candidate": 0, "selected": True, "shard": "S",
+         "created_at": T0 + dt.timedelta(hours=1), "polarity": "negative"},
+        {"layer": 0, "neuron": 2, "explanation": "cats", "candidate": 0, "selected": True, "shard": "S",
+         "created_at": T0, "polarity": "positive"},
+    ], schema=pa.schema({**EXPL, "polarity": pa.string()}))
+    scores = pa.Table.from_pylist([
+        {"layer": 0, "neuron": 1, "candidate": 0, "scorer": "correlation", "score": 0.7, "shard": "S",
+         "polarity": "positive"},
+        {"layer": 0, "neuron": 1, "candidate": 0, "scorer": "correlation", "score": 0.4, "shard": "S",
+         "polarity": "negative"},
+        {"layer": 0, "neuron": 1, "candidate": 0, "scorer": "detection", "score": 0.9, "shard": "S",
+         "polarity": "positive"},
+        {"layer": 0, "neuron": 1, "candidate": 0, "scorer": "detection", "score": 0.1, "shard": "S",
+         "polarity": "negative"},
+        {"layer": 0, "neuron": 2, "candidate": None, "scorer": "correlation", "score": None, "shard": "S",
+         "polarity": "negative", "null_reason": "negative side failed (malformed): x"},
+    ], schema=pa.schema({**SCORES, "polarity": pa.string()}))
+    idx = build_index(ledger, expl, scores).to_pylist()
+    got = [(r["neuron"], r["explanation"], r["score"], r["detection_score"], r["negative_explanation"],
+            r["negative_score"], r["negative_null_reason"]) for r in idx]
+    assert got == [(1, "digits", 0.7, 0.9, "commas", 0.4, None),
+                   (2, "cats", None, None, None, None, "negative side failed (malformed): x")]
+    index = build_index(ledger, expl, scores)
+    for words, want in (("COMMAS", [1]), ("digits", [1]), ("cats", [2]), ("digits commas", [])):
+        assert query_index(index, text=words)[0]["neuron"].to_pylist() == want, words  # words of one explanation
+
+
 def _index(scores, layers=None, texts=None) -> pa.Table:
     n = len(scores)
     return pa.table({"layer": pa.array(layers or [i % 3 for i in range(n)], pa.int16()),

@@ -95,16 +95,36 @@ def test_detection_without_logprobs_has_no_auc():
 
 def test_detection_hand_worked_answer():
     backend = ScriptedBackend(["[1, 1, 1, 1, 1, 1]"])
-    cols, _ = _detect(backend, "anything")
+    cols, _ = _detect(backend, "anything", batch_size=6)
     assert cols["score"] == 0.5  # every window called active: TPR 1, TNR 0
-    snippets = [ln for ln in backend.requests[0]["messages"][-1]["content"].splitlines() if ln.startswith("Snippet")]
+    assert cols["f1"] == pytest.approx(2 * 3 / (2 * 3 + 3))  # TP 3, FP 3, FN 0
+    messages = backend.requests[0]["messages"]
+    snippets = [ln for ln in messages[-1]["content"].splitlines() if ln.startswith("Snippet")]
     assert len(snippets) == 6 and snippets[0].startswith("Snippet 1: ")
+    # the worked example comes first, as a user question and its answer
+    assert [m["role"] for m in messages] == ["system", "user", "assistant", "user"]
+    assert messages[2]["content"] == "[1, 0, 1, 0]" and "Snippet 4: " in messages[1]["content"]
+
+
+def test_detection_asks_batch_size_windows_per_call_and_keeps_their_order():
+    backend = ScriptedBackend(["[1, 1]", "[0, 0]", "[1, 0]"])
+    cols, usage = _detect(backend, "anything", batch_size=2)
+    assert len(backend.requests) == 3 and usage == Usage(30, 15)
+    asked = [ln.split(": ", 1)[1] for r in backend.requests for ln in r["messages"][-1]["content"].splitlines()
+             if ln.startswith("Snippet")]
+    windows = {r.seq_id: "".join(r.tokens) for r in PAREN + QUIET}
+    assert asked == [windows[s] for s in cols["seq_ids"]]  # answers line up with the scored windows
+    labels = [1 if s < 10 else 0 for s in cols["seq_ids"]]
+    answers = [1, 1, 0, 0, 1, 0]
+    tpr = sum(a for a, y in zip(answers, labels) if y) / 3
+    tnr = sum(1 - a for a, y in zip(answers, labels) if not y) / 3
+    assert cols["score"] == pytest.approx((tpr + tnr) / 2)
 
 
 def test_detection_retries_a_malformed_list_and_counts_every_call():
     spent = []
     backend = ScriptedBackend(["[1, 0]", "I think [1, 0, 1, 0, 1, 0]"])
-    cols, usage = _detect(backend, "anything", spent=spent)
+    cols, usage = _detect(backend, "anything", spent=spent, batch_size=6)
     assert cols["score"] is not None and usage == Usage(20, 10) and len(spent) == 2
 
 
@@ -117,24 +137,69 @@ def test_detection_without_quiet_windows_is_null_and_calls_nothing():
 # --- fuzzing -----------------------------------------------------------------------------------------------
 def test_active_positions_use_the_windows_own_scale():
     assert active_positions(_rec(1, list("abcd"), [0.0, 5.0, 10.0, 3.9])) == {1, 2}
+    assert active_positions(_rec(1, list("abcd"), [0.0, 5.0, 10.0, 3.9]), 0.3) == {1, 2, 3}
     assert active_positions(_rec(1, list("ab"), [-1.0, 0.0])) == set()
 
 
-def test_fuzzing_true_highlights_versus_random_highlights():
-    decoys = [_rec(i, [" a", " b", " c", ")", " d", " e", " f", " g"], [0, 0, 0, 2.0, 0, 0, 0, 0])
-              for i in range(20, 23)]
-    cols, _ = asyncio.run(fuzzing_columns(RuleStubBackend(), "closing parentheses", PAREN, decoys, seed=3))
-    assert cols["score"] == 1.0 and cols["auc"] == pytest.approx(1.0)
-    assert (cols["settings"]["n_positive"], cols["settings"]["n_negative"]) == (3, 3)
+def _fuzz(backend, activating=PAREN, non_activating=QUIET, **kw):
+    by_kind, usage = asyncio.run(fuzzing_columns(backend, kw.pop("explanation", "closing parentheses"), activating,
+                                                 non_activating, seed=3, **kw))
+    return by_kind, usage
 
 
-def test_fuzzing_prompt_highlights_the_active_token():
-    backend = ScriptedBackend(["[1, 0]"])
-    decoy = [_rec(9, ["p", "q", "r"], [5.0, 0, 0])]
-    asyncio.run(fuzzing_columns(backend, "x", PAREN[:1], decoy, seed=0))
-    text = backend.requests[0]["messages"][-1]["content"]
-    assert "f(x<<)>> and" in text  # the truly active token
-    assert "<<p>>" not in text and ("p<<q>>r" in text or "pq<<r>>" in text)  # a random non-active one
+def test_fuzzing_scores_true_highlights_against_both_kinds_of_decoy():
+    by_kind, _ = _fuzz(RuleStubBackend())
+    assert list(by_kind) == ["standard", "active"]
+    for kind, cols in by_kind.items():
+        assert cols["score"] == 1.0 and cols["f1"] == 1.0 and cols["auc"] == pytest.approx(1.0), kind
+        assert (cols["settings"]["n_positive"], cols["settings"]["n_negative"]) == (3, 3)
+        assert cols["settings"]["decoys"] == kind and cols["settings"]["highlight"] == 0.4
+    assert sorted(by_kind["standard"]["seq_ids"]) == [1, 2, 3, 10, 11, 12]
+    assert sorted(by_kind["active"]["seq_ids"]) == [1, 1, 2, 2, 3, 3]  # each window right, and wrong
+
+
+def test_fuzzing_never_shows_a_window_twice_in_one_call():
+    backend = RecordingStub()
+    windows = [_rec(i, [f" w{i}", "(", "x", ")"], [0, 0, 0, 3.0]) for i in range(1, 6)]
+    by_kind, _ = _fuzz(backend, activating=windows, batch_size=2, decoys=["active"])  # each window right and wrong
+    asked = [[ln.split(": ", 1)[1].replace("<<", "").replace(">>", "") for ln in m[-1]["content"].splitlines()
+              if ln.startswith("Snippet")] for m in backend.asked]
+    assert all(len(set(call)) == len(call) <= 2 for call in asked)
+    assert sorted(t for call in asked for t in call) == sorted(f" w{i}(x)" for i in range(1, 6) for _ in "rw")
+    assert by_kind["active"]["score"] == 1.0
+
+
+class RecordingStub(RuleStubBackend):
+    """The rule stub, keeping every question's messages."""
+
+    def __init__(self, *a, **kw):
+        super().__init__(*a, **kw)
+        self.asked = []
+
+    async def chat(self, messages, **kw):
+        self.asked.append(messages)
+        return await super().chat(messages, **kw)
+
+
+def test_fuzzing_prompt_highlights_the_active_token_and_decoys_elsewhere():
+    backend = RecordingStub()
+    by_kind, _ = _fuzz(backend, activating=PAREN[:1], non_activating=[_rec(9, ["p", "q", "r"], [0.1, 0, 0])])
+    assert len(backend.asked) == 2  # window 1 twice (right and wrong): never in the same call
+    shown = sorted(ln.split(": ", 1)[1] for m in backend.asked for ln in m[-1]["content"].splitlines()
+                   if ln.startswith("Snippet"))
+    active = [t for t in shown if t.replace("<<", "").replace(">>", "") == "f(x) and"]
+    assert "f(x<<)>> and" in active  # the truly active token
+    [wrong] = [t for t in active if t != "f(x<<)>> and"]  # the active decoy: one inactive token marked instead
+    assert wrong.count("<<") == 1 and "<<)>>" not in wrong
+    [standard] = [t for t in shown if t not in active]
+    assert standard.count("<<") == 1  # as many random tokens as the correct window has active ones
+    assert by_kind["standard"]["settings"]["n_negative"] == 1 and by_kind["active"]["settings"]["n_negative"] == 1
+
+
+def test_fuzzing_standard_decoys_need_non_activating_windows():
+    by_kind, _ = _fuzz(RuleStubBackend(), non_activating=[])
+    assert by_kind["standard"]["score"] is None and by_kind["standard"]["null_reason"] == NO_NEGATIVES
+    assert by_kind["active"]["score"] == 1.0
 
 
 # --- embedding ---------------------------------------------------------------------------------------------
@@ -149,6 +214,7 @@ class KeywordEmbedder:
 def test_embedding_auc_from_cosine_similarity():
     cols = asyncio.run(embedding_columns(KeywordEmbedder(), "closing parentheses", PAREN, QUIET))
     assert cols["score"] == 1.0 and cols["settings"]["embedder"] == "keyword"
+    assert (cols["settings"]["n_positive"], cols["settings"]["n_negative"]) == (3, 3)
     assert asyncio.run(embedding_columns(KeywordEmbedder(), "closing parentheses", PAREN, []))["null_reason"] \
         == NO_NEGATIVES
 

@@ -11,9 +11,10 @@ from schemas.config import SweepConfig
 from schemas.failures import FailureReason
 from schemas.layout import shard_marker
 from testing.instant import InstantProcessor, SyntheticRecordSource
-from workers.llm.backends.base import RateLimitedError
+from workers.llm.backends.base import RateLimitedError, Usage
 from workers.llm.client import CallEvent
 from workers.method.neuron import NeuronResult
+from workers.method.records import ActivationRecord
 
 
 class Source(SyntheticRecordSource):
@@ -298,3 +299,129 @@ def test_give_up_records_the_unfinished_neurons_as_failed(tmp_path):
     assert rows[(1, 5, 3)]["reason"] == "worker_crash" and rows[(1, 5, 3)]["status"] == "failed"
     assert rows[(0, 1, 2)]["reason"] == "worker_crash" and rows[(0, 1, 1)]["reason"] == "malformed"
     assert driver.give_up(Shard(1, (5, 6)), FailureReason.WORKER_CRASH, "x").already_committed
+
+
+def test_neurons_finished_before_their_commit_count_their_tokens_for_progress_until_it(tmp_path):
+    """The progress lines add what finished neurons spent before their shard commits; the commit takes it over."""
+    gate = asyncio.Event()
+
+    class Gated(Processor):
+        async def __call__(self, records):
+            if records.neuron == 2:
+                await gate.wait()
+            return await super().__call__(records)
+
+    cfg = SweepConfig(output=str(tmp_path), neuron_deadline_s=30)
+    store = RunStore.open(str(tmp_path), create=True)
+    r = ShardRunner(cfg, store, Gated(cfg), Source(cfg))
+
+    async def run():
+        task = asyncio.create_task(r.run(Shard(0, (0, 1, 2))))
+        while r.finished["done"] < 2:
+            await asyncio.sleep(0.01)
+        before = dict(r.finished)
+        gate.set()
+        return before, await task
+
+    before, summary = asyncio.run(run())
+    ledger = {row["neuron"]: row for row in store.read_table("ledger").to_pylist()}
+    assert before["prompt_tokens"] == ledger[0]["prompt_tokens"] + ledger[1]["prompt_tokens"] > 0
+    assert before["completion_tokens"] == ledger[0]["completion_tokens"] + ledger[1]["completion_tokens"] > 0
+    assert summary.done == 3 and all(v == 0 for v in r.finished.values())
+
+
+# --- both signs: a neuron's negative side is its own unit, within the neuron's commit ------------------------------
+class Signed(SyntheticRecordSource):
+    """Synthetic records with bottom records (seq ids 5000 + neuron): neurons 0 and 2 go as far below 0 as above
+    it, neuron 1 only a tenth as far (below records.negative_ratio = 0.5)."""
+
+    def load(self, shard):
+        out = super().load(shard)
+        for n, recs in out.items():
+            top = recs.top[0]
+            depth = 0.1 if n == 1 else 1.0
+            recs.bottom = [ActivationRecord(5000 + n, top.tokens, [-depth * x for x in top.activations], "bottom", 0)]
+        return out
+
+
+class SidedProcessor(InstantProcessor):
+    """The instant method, failing (or hanging on) the negative sides of the neurons in `fail_negative`
+    (`hang_negative`); `seen` keeps the records of every side it was given."""
+
+    def __init__(self, cfg, fail_negative=(), hang_negative=()):
+        super().__init__(cfg)
+        self.fail_negative, self.hang_negative, self.seen = set(fail_negative), set(hang_negative), []
+
+    async def __call__(self, records):
+        self.seen.append(records)
+        negative = records.top[0].seq_id >= 5000
+        if negative and records.neuron in self.hang_negative:
+            await asyncio.sleep(30)
+        if negative and records.neuron in self.fail_negative:
+            r = NeuronResult(records.layer, records.neuron)
+            r.usage = {"explainer": Usage(100, 10)}
+            r.error = f"layer 0 neuron {records.neuron}: ExplanationFailed: malformed"
+            r.reason = FailureReason.MALFORMED
+            return r
+        return await super().__call__(records)
+
+
+def sided_runner(tmp_path, **kw):
+    cfg = SweepConfig.from_dict({"output": str(tmp_path), "neuron_deadline_s": 0.5, **PRICED})
+    store = RunStore.open(str(tmp_path), create=True)
+    proc = SidedProcessor(cfg, **kw)
+    return ShardRunner(cfg, store, proc, Signed(cfg)), store, proc
+
+
+def test_a_strong_negative_side_is_explained_in_the_same_commit_and_a_weak_one_is_not(tmp_path):
+    r, store, proc = sided_runner(tmp_path)
+    s = asyncio.run(r.run(Shard(0, (0, 1))))
+    assert (s.done, s.failed) == (2, 0)
+    sides = sorted((x["neuron"], x["polarity"]) for x in store.read_table("explanations").to_pylist())
+    assert sides == [(0, "negative"), (0, "positive"), (1, "positive")]
+    scores = {(x["neuron"], x["polarity"]): x for x in store.read_table("scores").to_pylist()}
+    assert sorted(scores) == sides and scores[(0, "negative")]["seq_ids"] == [5000]
+    negated = next(x for x in proc.seen if x.top[0].seq_id == 5000)  # the method ran on the bottom record, negated
+    assert negated.top[0].activations == [-x for x in r.records.load(Shard(0, (0,)))[0].bottom[0].activations]
+    ledger = {x["neuron"]: x for x in store.read_table("ledger").to_pylist()}
+    assert ledger[0]["prompt_tokens"] == 2 * 14000 and ledger[1]["prompt_tokens"] == 14000  # both sides paid
+    assert ledger[0]["cost_usd"] == pytest.approx(2 * NEURON_COST) and s.cost_usd == pytest.approx(3 * NEURON_COST)
+    assert r.finished["prompt_tokens"] == 0  # counted by the commit now, both sides
+
+
+def test_records_negative_off_explains_the_positive_side_only(tmp_path):
+    cfg = SweepConfig(output=str(tmp_path), records={"negative": "off"})
+    proc = SidedProcessor(cfg)
+    r = ShardRunner(cfg, RunStore.open(str(tmp_path), create=True), proc, Signed(cfg))
+    asyncio.run(r.run(Shard(0, (0,))))
+    assert [x.top[0].seq_id for x in proc.seen] == [0]
+    assert r.store.read_table("explanations")["polarity"].to_pylist() == ["positive"]
+
+
+@pytest.mark.parametrize("kw, reason", [({"fail_negative": {0}}, "malformed"), ({"hang_negative": {0}}, "deadline")])
+def test_a_failed_negative_side_leaves_its_neuron_done_and_says_why_in_its_scores(tmp_path, kw, reason):
+    r, store, proc = sided_runner(tmp_path, **kw)
+    s = asyncio.run(r.run(Shard(0, (0, 2))))
+    assert (s.done, s.failed, s.failures) == (2, 0, {})
+    ledger = {x["neuron"]: x for x in store.read_table("ledger").to_pylist()}
+    assert (ledger[0]["status"], ledger[0]["reason"], ledger[0]["error"]) == ("done", None, None)
+    assert sorted((x["neuron"], x["polarity"]) for x in store.read_table("explanations").to_pylist()) == [
+        (0, "positive"), (2, "negative"), (2, "positive")]  # a failed side has no explanation
+    failed = [x for x in store.read_table("scores").to_pylist() if (x["neuron"], x["polarity"]) == (0, "negative")]
+    assert [(x["scorer"], x["score"], x["candidate"]) for x in failed] == [("correlation", None, None)]
+    assert failed[0]["null_reason"].startswith(f"negative side failed ({reason}): ")
+    if reason == "malformed":  # what the failed side spent counts in the neuron's row
+        assert ledger[0]["prompt_tokens"] == 14000 + 100
+    index = {x["neuron"]: x for x in RunReader(store).index().to_pylist()}
+    assert index[0]["negative_explanation"] is None and index[0]["negative_score"] is None
+    assert index[0]["negative_null_reason"].startswith("negative side failed") and index[0]["explanation"]
+
+
+def test_a_failed_positive_side_skips_the_negative_one(tmp_path):
+    cfg = SweepConfig(output=str(tmp_path))
+    proc = SidedProcessor(cfg)
+    proc.fail = frozenset({(0, 0)})  # InstantProcessor's planted failure, on either side
+    r = ShardRunner(cfg, RunStore.open(str(tmp_path), create=True), proc, Signed(cfg))
+    s = asyncio.run(r.run(Shard(0, (0,))))
+    assert (s.done, s.failed) == (0, 1) and len(proc.seen) == 1
+    assert r.store.read_table("scores").num_rows == 0

@@ -17,7 +17,7 @@ def test_every_published_file_carries_its_schema_version_and_table_name(tmp_path
     for name in TABLES:
         rel = store.write_table(name, to_table(name, []), "t", layer=0 if name in PARTITIONED else None)
         meta = pq.read_schema(store.path(rel)).metadata
-        assert meta[b"neuronsweep.schema_version"] == b"1.3", name
+        assert meta[b"neuronsweep.schema_version"] == b"1.4", name
         assert meta[b"neuronsweep.table"] == name.encode(), name
         assert store.read_table_file(rel, name).num_rows == 0  # and the store's own reader accepts it
 

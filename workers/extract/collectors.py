@@ -14,8 +14,8 @@ once (no Python loop over neurons):
   batch holds them;
 - running mean / variance (Chan's parallel formula, float64), max, min, count of tokens > 0, token count and
   count of non-finite tokens (the others are over the finite tokens: capture.py's `mask_nonfinite`);
-- for quantile records (optional): the histogram of window maxima and each bucket's pick candidates
-  (sketch.py).
+- for quantile records and the classifier windows (optional): the histogram of window maxima and each bucket's
+  (and each band's) pick candidates (sketch.py).
 
 Every summary merges exactly: collectors over disjoint slices of the corpus merge into the collector of the
 whole.
@@ -259,8 +259,9 @@ class LayerCollector:
         sample = random_sample(spec.seed, layer, spec.n_neurons, spec.corpus_tensor(), spec.n_random, device)
         self.random = RandomRecords(sample, spec.seq_len, dtype, device)
         self.stats = RunningStats(spec.n_neurons, device)
-        self.quantiles = (QuantileSketch(spec.n_neurons, spec.n_per_quantile, spec.seed, layer, device)
-                          if spec.n_per_quantile else None)
+        self.quantiles = (QuantileSketch(spec.n_neurons, spec.sketch_per_bucket, spec.seed, layer, device,
+                                         n_low=spec.n_non_activating)
+                          if spec.sketch_per_bucket else None)
 
     def floors(self) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The top and bottom reservoirs' entry floors [N, 1] (None: no bottom records), the inputs of
@@ -316,13 +317,14 @@ class LayerCollector:
             self.quantiles.load_state_dict(s["quantiles"])
 
     # --- output tables ---------------------------------------------------------------------------------------
-    def records_table(self, extra: dict | None = None) -> pa.Table:
-        """Rows sorted by neuron, then kind (top, bottom, random, quantile), then rank. `extra`: quantile rows as
-        {"neuron", "rank", "seq_id", "acts"} arrays (from `quantile_rows`). `max_activation` is the window's
-        maximum over its finite activations (-inf if none)."""
+    def records_table(self, extras: dict[str, dict] | None = None) -> pa.Table:
+        """Rows sorted by neuron, then kind (top, bottom, random, then the `extras`' kinds in order: quantile,
+        stratified, non_activating), then rank. `extras`: kind -> rows as {"neuron", "rank", "seq_id", "acts"}
+        arrays (from `quantile_rows`). `max_activation` is the window's maximum over its finite activations
+        (-inf if none)."""
         parts = [(kind, p) for kind, p in (("top", self._reservoir_rows(self.top)),
                                             ("bottom", self._reservoir_rows(self.bottom)),
-                                            ("random", self._random_rows()), ("quantile", extra))
+                                            ("random", self._random_rows()), *(extras or {}).items())
                  if p is not None and len(p["neuron"])]
         if not parts:
             return RECORDS.empty_table()
@@ -398,7 +400,9 @@ class CollectorSpec:
     `corpus`: the seq ids of every window of the run (all actors together); random records are drawn from
     it before the first batch. `bottom_k`: bottom records per neuron (0: none). `n_per_quantile`: quantile
     records per bin (0: no quantile sketch). `units`: the config's `units` section as a dict, for SAE/transcoder
-    latents or directions (workers/units/; n_neurons is then their width); None for MLP neurons."""
+    latents or directions (workers/units/; n_neurons is then their width); None for MLP neurons.
+    `classifier_bins`, `classifier_per_bin`, `n_non_activating`, `non_activating_below`: the classifier windows
+    (sketch.py `classifier_picks`; 0 bins: none)."""
     layers: list[int]
     n_neurons: int
     seq_len: int
@@ -409,6 +413,15 @@ class CollectorSpec:
     bottom_k: int = 0
     n_per_quantile: int = 0
     units: dict | None = None
+    classifier_bins: int = 0
+    classifier_per_bin: int = 0
+    n_non_activating: int = 0
+    non_activating_below: float = 0.0
+
+    @property
+    def sketch_per_bucket(self) -> int:
+        """Pick candidates the sketch keeps per bucket (0: no sketch)."""
+        return max(self.n_per_quantile, self.classifier_per_bin if self.classifier_bins else 0)
 
     def corpus_tensor(self) -> torch.Tensor:
         c = self.corpus

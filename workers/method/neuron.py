@@ -10,26 +10,33 @@ tries it again). Usage counts every call, failed ones too.
 
 The scorers are the registered classes named in `cfg.scorers` (workers/method/scorers/), run concurrently on
 one shared `ScoreContext`; their rows come back in the configured order.
+
+A neuron's negative side is explained as a unit of its own (docs/method.md §1 "Both signs"): `negative_side`
+says whether the neuron has one worth explaining and returns the records the same `explain_and_score` runs on
+(its bottom records, negated, as top records; its random records negated), so every scorer and the explainer
+work unchanged. The caller (orchestrator/shards.py) runs both sides and tags their rows with `polarity`.
 """
 from __future__ import annotations
 
 import asyncio
+import math
 import zlib
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 
 from schemas.config import SweepConfig
 from schemas.failures import FailureReason
-from schemas.tables import SCORES
+from schemas.tables import NEGATIVE, POSITIVE, SCORES
 from workers.llm.backends.base import LLMBackend, LLMError, Usage
-from workers.method.explainer import ExplanationFailed, NeuronExplainer
-from workers.method.records import NeuronRecords
+from workers.method.explainer import ExplanationFailed, NeuronExplainer, explainer_records
+from workers.method.records import ActivationRecord, NeuronRecords
 from workers.method.scorers import SCORERS, check_scorer_names
 from workers.method.scorers.base import Embedder, ScoreContext, Scorer
 from workers.method.scoring import correlation_score, split_records
 from workers.method.simulator import NeuronSimulator
 
-__all__ = ["ExplanationFailed", "NeuronResult", "explain_and_score", "neuron_seed"]
+__all__ = ["NEGATIVE", "POSITIVE", "ExplanationFailed", "NeuronResult", "explain_and_score", "negative_side",
+           "neuron_seed"]
 
 
 @dataclass
@@ -51,6 +58,29 @@ class NeuronResult:
 def neuron_seed(cfg: SweepConfig, layer: int, neuron: int) -> int:
     """A stable per-neuron seed (shuffles of detection/fuzzing windows) from the sweep seed."""
     return zlib.crc32(f"{cfg.seed}:{layer}:{neuron}".encode())
+
+
+def negative_side(records: NeuronRecords, cfg: SweepConfig) -> NeuronRecords | None:
+    """The neuron's negative side as records of its own, or None when it has none to explain: `records.negative`
+    is off, the neuron has no bottom records, or its most negative activation (over its bottom records) is not
+    below 0 or smaller in size than `records.negative_ratio` x its maximum (over its top records). Non-finite
+    values take no part in the rule (docs/method.md §2). The returned records' top records are the bottom
+    records negated (rank 0, the most negative window, first), their random records the random records negated;
+    they have no quantile, bottom or classifier (stratified, non-activating) records: those are picked for the
+    positive side, so the classifier scorers label this side by the `top` protocol (docs/method.md §6)."""
+    if cfg.records.negative == "off" or not records.bottom or not records.top:
+        return None
+    low = min((x for r in records.bottom for x in r.activations if math.isfinite(x)), default=math.inf)
+    high = max((x for r in records.top for x in r.activations if math.isfinite(x)), default=-math.inf)
+    if not (low < 0 and -low >= cfg.records.negative_ratio * max(high, 0.0)):
+        return None
+    return NeuronRecords(records.layer, records.neuron, top=[_negated(r, "top") for r in records.bottom],
+                         random=[_negated(r, "random") for r in records.random])
+
+
+def _negated(record: ActivationRecord, kind: str) -> ActivationRecord:
+    # `kind` is the role the record plays: the scorers tell a side's activating windows by kind == "top"
+    return ActivationRecord(record.seq_id, record.tokens, [-x for x in record.activations], kind, record.rank)
 
 
 async def explain_and_score(records: NeuronRecords, explainer: LLMBackend, simulator: LLMBackend,
@@ -85,7 +115,7 @@ async def _run(records: NeuronRecords, splits: dict, explain: NeuronExplainer, s
                spent: list[Usage]) -> None:
     """Fills `result`; `spent` collects the usage of the judge calls, failed ones included."""
     now = datetime.now(timezone.utc)
-    candidates = await explain.explain(splits["train"])
+    candidates = await explain.explain(explainer_records(records, splits, cfg))
     failed = [c for c in candidates if c.text is None]
     result.failed_candidates = [f"candidate {c.index}: {c.error}" for c in failed]
     good = [c for c in candidates if c.text is not None]

@@ -136,10 +136,12 @@ def _explainer_user(records: list[tuple[list[str], list[int]]]) -> str:
     return f"{format_explainer_records(records)}\n\nComplete the sentence: {LEAD_IN}"
 
 
-def explainer_messages(records: list[tuple[list[str], list[int]]]) -> list[dict]:
-    """Chat messages asking for an explanation of the records (tokens, normalized 0-10 values)."""
+def explainer_messages(records: list[tuple[list[str], list[int]]],
+                       examples: tuple[Example, ...] = EXPLAINER_EXAMPLES) -> list[dict]:
+    """Chat messages asking for an explanation of the records (tokens, normalized 0-10 values), after the
+    worked `examples` as earlier turns (none: the instructions alone)."""
     messages = [{"role": "system", "content": EXPLAINER_SYSTEM}]
-    for ex in EXPLAINER_EXAMPLES:
+    for ex in examples:
         shown = [(ex.tokens(i), ex.values(i)) for i in range(len(ex.records))]
         messages.append({"role": "user", "content": _explainer_user(shown)})
         messages.append({"role": "assistant", "content": f"{LEAD_IN} {ex.explanation}."})
@@ -199,6 +201,10 @@ def _normal_form(text: str) -> str:
 _EXAMPLE_EXPLANATIONS = {_normal_form(ex.explanation): ex.explanation for ex in EXPLAINER_EXAMPLES}
 
 
+class EchoedExampleError(MalformedAnswerError):
+    """The answer copies a worked example's explanation: the explainer asks again without worked examples."""
+
+
 def clean_explanation(answer: str) -> str:
     """The explanation in a model's answer.
 
@@ -219,9 +225,11 @@ def clean_explanation(answer: str) -> str:
         raise MalformedAnswerError(f"no explanation in the answer {answer[:80]!r}")
     if not _quotes_balance(line):
         raise MalformedAnswerError(f"unbalanced quotes in the explanation {line[:80]!r}")
-    example = _EXAMPLE_EXPLANATIONS.get(_normal_form(line))
+    # an echo may add a word or two ("... loop, or if statement"): the example's words in order count as one
+    answer = f" {_normal_form(line)} "
+    example = next((ex for norm, ex in _EXAMPLE_EXPLANATIONS.items() if f" {norm} " in answer), None)
     if example is not None:
-        raise MalformedAnswerError(f"the answer repeats a worked example's explanation ({example!r})")
+        raise EchoedExampleError(f"the answer repeats a worked example's explanation ({example!r})")
     return line
 
 
@@ -392,11 +400,33 @@ def window_text(tokens: list[str], highlight: set[int] | frozenset[int] = frozen
     return "".join(parts)
 
 
-def judge_messages(system: str, explanation: str, snippets: list[str]) -> list[dict]:
+# One worked exchange per judge prompt, shown before the real question (made up for this project): an explanation,
+# snippets and the right answer, half of them 1.
+JUDGE_EXAMPLES: dict[str, tuple[str, list[str], list[int]]] = {
+    DETECTION_SYSTEM: ("the word \"because\" and other words that give a reason",
+                       ["He stayed home because it was raining.", "The train leaves at noon.",
+                        "She smiled, since the news was good.", "Blue and green paint dries slowly."], [1, 0, 1, 0]),
+    FUZZING_SYSTEM: ("names of months",
+                     [f"We met in {HIGHLIGHT_OPEN}March{HIGHLIGHT_CLOSE} last year.",
+                      f"{HIGHLIGHT_OPEN}The{HIGHLIGHT_CLOSE} report is due soon.",
+                      f"Her birthday is in {HIGHLIGHT_OPEN}October{HIGHLIGHT_CLOSE}.",
+                      f"He {HIGHLIGHT_OPEN}ran{HIGHLIGHT_CLOSE} to the store."], [1, 0, 1, 0]),
+}
+
+
+def _judge_question(explanation: str, snippets: list[str]) -> str:
     body = "\n".join(f"Snippet {i}: {s}" for i, s in enumerate(snippets, start=1))
-    return [{"role": "system", "content": system},
-            {"role": "user", "content": f"Explanation: {LEAD_IN.lower()} {_sentence(explanation)}\n\n{body}\n\n"
-                                        f"Answer with {len(snippets)} values."}]
+    return f"Explanation: {LEAD_IN.lower()} {_sentence(explanation)}\n\n{body}\n\nAnswer with {len(snippets)} values."
+
+
+def judge_messages(system: str, explanation: str, snippets: list[str]) -> list[dict]:
+    """The system prompt, its worked example (`JUDGE_EXAMPLES`) as a user/assistant exchange, then the question."""
+    messages = [{"role": "system", "content": system}]
+    if system in JUDGE_EXAMPLES:
+        ex_explanation, ex_snippets, ex_answer = JUDGE_EXAMPLES[system]
+        messages += [{"role": "user", "content": _judge_question(ex_explanation, ex_snippets)},
+                     {"role": "assistant", "content": "[" + ", ".join(map(str, ex_answer)) + "]"}]
+    return messages + [{"role": "user", "content": _judge_question(explanation, snippets)}]
 
 
 _LIST_RE = re.compile(r"\[([^\[\]]*)\]")

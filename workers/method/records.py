@@ -10,7 +10,7 @@ class ActivationRecord:
     seq_id: int
     tokens: list[str]
     activations: list[float]
-    kind: str = "top"  # top | bottom | random | quantile
+    kind: str = "top"  # top | bottom | random | quantile | stratified | non_activating
     rank: int = 0
 
     @property
@@ -26,3 +26,6 @@ class NeuronRecords:
     random: list[ActivationRecord] = field(default_factory=list)
     quantile: list[ActivationRecord] = field(default_factory=list)
     bottom: list[ActivationRecord] = field(default_factory=list)  # sorted by min activation, ascending
+    # classifier windows (docs/method.md §2): activating ones by bin (rank = bin * per bin + i), non-activating ones
+    stratified: list[ActivationRecord] = field(default_factory=list)
+    non_activating: list[ActivationRecord] = field(default_factory=list)

@@ -262,8 +262,9 @@ def load_directions(file: str | Path) -> Dictionary:
 # --- writing (tests, examples/train_sae.py) ------------------------------------------------------------------------
 def save_saelens(folder: str | Path, *, W_enc, b_enc, W_dec, b_dec, hook_name: str, architecture: str = "standard",
                  k: int | None = None, threshold=None, apply_b_dec_to_input: bool = True,
-                 model_name: str | None = None) -> Path:
-    """Write a dictionary in the SAELens layout (the cfg fields SAELens' loaders read)."""
+                 model_name: str | None = None, normalize_activations: str = "none") -> Path:
+    """Write a dictionary in the SAELens layout (the cfg fields SAELens' loaders read). `normalize_activations`
+    'constant_norm_rescale': the encoder reads each token's activations rescaled to norm sqrt(d_in)."""
     from safetensors.torch import save_file
 
     folder = Path(folder)
@@ -274,8 +275,9 @@ def save_saelens(folder: str | Path, *, W_enc, b_enc, W_dec, b_dec, hook_name: s
     save_file({n: v.detach().float().contiguous().clone() for n, v in tensors.items()}, str(folder / SAELENS_WEIGHTS))
     d_in, d_sae = W_enc.shape
     cfg = {"architecture": architecture, "d_in": int(d_in), "d_sae": int(d_sae), "dtype": "float32",
-           "device": "cpu", "apply_b_dec_to_input": apply_b_dec_to_input, "normalize_activations": "none",
-           "hook_name": hook_name, "metadata": {"hook_name": hook_name, "model_name": model_name}}
+           "device": "cpu", "apply_b_dec_to_input": apply_b_dec_to_input,
+           "normalize_activations": normalize_activations, "hook_name": hook_name,
+           "metadata": {"hook_name": hook_name, "model_name": model_name}}
     if k is not None:
         cfg["k"] = int(k)
     (folder / CFG_FILE).write_text(json.dumps(cfg, indent=2))

@@ -8,13 +8,22 @@ named by it; SAELens folders side by side work too), or for directions a file. W
 """
 from __future__ import annotations
 
+import functools
+import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from workers.units import UnitsError
-from workers.units.dictionaries import CFG_FILE, Dictionary, load_dictionary, load_directions
+from workers.units.dictionaries import (
+    CFG_FILE,
+    SAELENS_WEIGHTS,
+    SPARSIFY_WEIGHTS,
+    Dictionary,
+    load_dictionary,
+    load_directions,
+)
 from workers.units.hooks import HookPoint, hook_width, resolve_hook
 
 
@@ -40,15 +49,67 @@ class UnitSet:
         return next(iter(self.by_layer.values())).dictionary.d_sae
 
     def source(self) -> dict:
-        """The unit source as recorded in run.json, the extraction marker and every table's metadata."""
+        """The unit source as recorded in run.json, the extraction plan and marker, and every table's metadata:
+        kind, path, format, width (n_units), activation (and k), the hook of each layer, and `sha256`, the
+        weights file's SHA-256 (`sha256sum sae_weights.safetensors` gives the same; with several dictionaries,
+        the SHA-256 of their files' hex digests, one per line, in layer order)."""
         first = next(iter(self.by_layer.values())).dictionary
-        return {"kind": self.kind, "path": self.path, "format": first.format, "n_units": self.n_units,
-                "activation": first.activation,
-                "hooks": {str(layer): u.hook.name for layer, u in sorted(self.by_layer.items())}}
+        digests = [file_sha256(weights_file(u.dictionary)) for _, u in sorted(self.by_layer.items())]
+        out = {"kind": self.kind, "path": self.path, "format": first.format, "n_units": self.n_units,
+               "activation": first.activation,
+               "hooks": {str(layer): u.hook.name for layer, u in sorted(self.by_layer.items())},
+               "sha256": digests[0] if len(digests) == 1 else
+               hashlib.sha256("".join(d + "\n" for d in digests).encode()).hexdigest()}
+        if first.k is not None:
+            out["k"] = first.k
+        return out
 
 
 def mlp_neuron_source() -> dict:
     return {"kind": "mlp_neuron"}
+
+
+def weights_file(d: Dictionary) -> Path:
+    """The file a dictionary's weights are read from (a direction file is its own)."""
+    if d.format == "directions":
+        return Path(d.path)
+    return Path(d.path) / (SAELENS_WEIGHTS if d.format == "saelens" else SPARSIFY_WEIGHTS)
+
+
+def file_sha256(path: Path) -> str:
+    st = path.stat()
+    return _sha256(str(path.resolve()), st.st_size, st.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=64)
+def _sha256(path: str, size: int, mtime_ns: int) -> str:
+    """Cached by size and modification time: the planner and the extraction stage both record the source, and
+    a dictionary of 10^5 latents is a file of gigabytes."""
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+# recorded fields whose change means other latents under the same indices (a source recorded before a field
+# existed lacks it: not a change)
+SOURCE_FIELDS = ("kind", "format", "n_units", "activation", "k", "hooks", "sha256")
+
+
+def check_same_source(recorded: dict | None, current: dict | None, where: str) -> None:
+    """Refuse to continue a run (`where`: its directory) whose units were read from another dictionary than the
+    one at the same path now: one line naming what changed."""
+    if not recorded or not current:
+        return
+    changed = [f for f in SOURCE_FIELDS if f in recorded and recorded.get(f) != current.get(f)]
+    if not changed:
+        return
+    detail = ", ".join(f"{f} {_short(recorded.get(f))!r} -> {_short(current.get(f))!r}" for f in changed)
+    raise UnitsError(f"units: {where} was started with another dictionary than the one at "
+                     f"{current.get('path')} now ({detail}); put the original back or use a new --out directory")
+
+
+def _short(value):
+    """A hex digest cut to 12 characters (enough to tell two apart in a message)."""
+    return value[:12] if isinstance(value, str) and len(value) == 64 else value
 
 
 def dictionary_folders(path: str | Path, hook: str | None) -> list[Path]:

@@ -1,5 +1,7 @@
-"""`export_bundle`: one row per neuron of a run (identity, status, explanation, every score, stats, top and
-random records with their tokens), as Parquet or JSON lines, for Neuronpedia-style uploads."""
+"""`export_bundle`: one row per neuron of a run (identity, status, explanation, every score, stats, top, random
+and bottom records with their tokens), as Parquet or JSON lines, for Neuronpedia-style uploads. The explanation
+and scores are the positive side's; a negative side (docs/method.md §1 "Both signs") is in its own columns,
+`negative_explanation`, `negative_score` and `negative_null_reason`, and its windows are the bottom records."""
 from __future__ import annotations
 
 import json
@@ -15,7 +17,7 @@ from orchestrator.store import RunStore
 
 def bundle_table(store: RunStore) -> pa.Table:
     """One row per neuron in the ledger: identity, model, status, selected explanation, every score, stats, and
-    the top and random records as token lists with activations."""
+    the top, random and bottom records as token lists with activations."""
     reader = RunReader(store)
     index = reader.index()
     info = reader.run_info()
@@ -33,7 +35,7 @@ def bundle_table(store: RunStore) -> pa.Table:
         st, rk = stats.get(key) or {}, recs.get(key) or {}
         row = {"model": model, **{k: v for k, v in r.items() if k not in ("shard_id", "attempts", "elapsed_s")}}
         row.update({f"stat_{k}": st.get(k) for k in ("mean", "variance", "max", "frac_positive", "n_tokens")})
-        for kind in ("top", "random"):
+        for kind in ("top", "random", "bottom"):
             row[f"{kind}_tokens"] = [tokens.get(x["seq_id"], []) for x in rk.get(kind, [])]
             row[f"{kind}_activations"] = [x["activations"] for x in rk.get(kind, [])]
         rows.append(row)

@@ -134,8 +134,10 @@ def export_neuronpedia(store: RunStore, dest: str | Path, *, model_id: str | Non
                          "scoreV1": json_float(r.get("score")) or 0.0}
                         for r in index if r["layer"] == layer]
         activations = []
-        for r in sorted((r for r in records if r["layer"] == layer), key=lambda r: (r["neuron"], _KIND[r["kind"]],
-                                                                                    r["rank"])):
+        # the positive side only: Neuronpedia's activations are a feature's activating examples; bottom records
+        # belong to a negative side (docs/method.md §1 "Both signs"), which its layout has no place for
+        for r in sorted((r for r in records if r["layer"] == layer and r["kind"] in _KIND),
+                        key=lambda r: (r["neuron"], _KIND[r["kind"]], r["rank"])):
             values = [float(v) for v in r["activations"]]
             top = max(range(len(values)), key=values.__getitem__) if values else 0
             activations.append({

@@ -1,5 +1,8 @@
 """`export_openai`: every neuron of a run directory that has records (and its explanation, when it has one)
-written in OpenAI's neuron-explainer layout (openai_layout.py)."""
+written in OpenAI's neuron-explainer layout (openai_layout.py).
+
+That layout holds one side of a neuron: the positive side is exported; a negative side (docs/method.md §1 "Both
+signs") and the bottom records are left out (the bundle export carries them)."""
 from __future__ import annotations
 
 import json
@@ -17,6 +20,7 @@ from orchestrator.results.interchange.openai_layout import (
 )
 from orchestrator.results.reader import RunReader, read_all
 from orchestrator.store import RunStore
+from schemas.tables import POSITIVE
 
 
 @dataclass
@@ -42,8 +46,8 @@ def export_openai(store: RunStore, out_dir: str | Path) -> ExportSummary:
     summary = ExportSummary()
     records = read_all(store, "records")
     stats = {(r["layer"], r["neuron"]): r for r in read_all(store, "neuron_stats").to_pylist()}
-    explanations = read_all(store, "explanations").to_pylist()
-    scores = read_all(store, "scores").to_pylist()
+    explanations = [r for r in read_all(store, "explanations").to_pylist() if r["polarity"] == POSITIVE]
+    scores = [r for r in read_all(store, "scores").to_pylist() if r["polarity"] == POSITIVE]
     tokens = _all_tokens(store)
     expl_by = _group(explanations, index)
     score_by = _group([s for s in scores if s["scorer"] == "correlation"], index)

@@ -2,7 +2,8 @@
 
 Pages (server-rendered with Jinja2; charts drawn by the vendored Chart.js, so it works with no internet):
     /                       the neuron index: filter by layer, status and score range, search explanations, sort, pages
-    /neuron/{layer}/{n}     explanations, scores, stats, and every record as a token heat map
+    /neuron/{layer}/{n}     explanations, scores, stats, and every record as a token heat map; a neuron's
+                            negative side (docs/method.md §1 "Both signs") in a section of its own
     /run                    progress, score histogram, mean score by layer, tokens and cost
     /api/neurons, /api/neuron/{layer}/{n}, /api/run     the same data as JSON
 
@@ -24,6 +25,7 @@ from fastapi.templating import Jinja2Templates
 from orchestrator.results.index import SORTABLE, query_index
 from orchestrator.results.reader import RunReader
 from orchestrator.store import RunStore
+from orchestrator.units import noun, recorded_source, unit_label, units_line
 from schemas.tables import LAYER, NEURON
 
 HERE = Path(__file__).parent
@@ -53,11 +55,12 @@ def _show_token(tok: str) -> str:
     return tok.replace("\n", "⏎").replace("\t", "→").replace("\r", "␍")
 
 
-def heat(value, vmax: float, rgb: str = "34, 139, 34") -> str:
-    """Background colour for a value on a 0..vmax scale (values <= 0 stay white)."""
+def heat(value, vmax: float, rgb: str = "34, 139, 34", sign: float = 1.0) -> str:
+    """Background colour for a value on a 0..vmax scale (values <= 0 stay white); with `sign` -1, for minus the
+    value (a negative activation on a bottom record)."""
     if value is None or vmax <= 0 or math.isnan(float(value)):
         return "transparent"
-    a = max(0.0, min(1.0, float(value) / vmax))
+    a = max(0.0, min(1.0, sign * float(value) / vmax))
     return f"rgba({rgb}, {a:.3f})" if a > 0 else "transparent"
 
 
@@ -86,6 +89,15 @@ def create_app(run: str, *, refresh_s: float = 2.0, s3_options: dict | None = No
     templates = Jinja2Templates(directory=HERE / "templates")
     templates.env.filters.update(num=_num, fmt=_fmt, token=_show_token)
     templates.env.globals.update(heat=heat, run_name=run)
+    app.state.units = None  # the run's unit source, looked up until the run records it (a sweep may be starting)
+
+    def units() -> dict | None:
+        if app.state.units is None:
+            app.state.units = recorded_source(store)
+        return app.state.units
+
+    templates.env.globals.update(unit_label=lambda layer, n: unit_label(units(), layer, n),
+                                 units_title=lambda: f"{noun(units())}s", units_line=lambda: units_line(units()))
 
     def index_params(layer, status, min_score, max_score, q, sort, order, page):
         layer, min_score, max_score = _opt(int, layer), _opt(float, min_score), _opt(float, max_score)
@@ -126,7 +138,10 @@ def create_app(run: str, *, refresh_s: float = 2.0, s3_options: dict | None = No
         d = _detail(reader, layer, neuron)
         top = d["records"].get("top") or []
         vmax = max([r["max_activation"] for r in top] + [(d["stats"] or {}).get("max") or 0.0, 0.0])
-        return templates.TemplateResponse(request, "neuron.html", {"d": d, "vmax": vmax})
+        # the negative side's scale: the size of the most negative activation (the bottom records' colour scale)
+        vneg = max([-x for r in d["records"].get("bottom") or [] for x in r["activations"]
+                    if x is not None and math.isfinite(x)] + [0.0])
+        return templates.TemplateResponse(request, "neuron.html", {"d": d, "vmax": vmax, "vneg": vneg})
 
     @app.get("/api/neuron/{layer}/{neuron}")
     def api_neuron(layer: int, neuron: int):

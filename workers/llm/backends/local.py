@@ -666,13 +666,13 @@ class LocalBackend:
             self.stats.model_tokens += sum(len(s) for s in suffixes)
             self.stats.forward_tokens += sum(len(s) for s in suffixes)
             branch_logits, column = None, None
+            # logits only at the rows asked for (the union over the batch), not at every position: the LM head
+            # over a large vocabulary is a fifth of a small model's work, and its output the biggest tensor of
+            # the forward
+            keep = sorted({row - n_prefix for _, rows, *_ in items for row in rows if row >= n_prefix})
             if any(branch is not None for *_, branch in items):
-                logits, branch_logits = self._branched_forward(suffixes, n_prefix, past, items, pad)
+                logits, branch_logits, column = self._branched_forward(suffixes, n_prefix, past, items, pad, keep)
             else:
-                # logits only at the rows asked for (the union over the batch), not at every position: the
-                # LM head over a large vocabulary is a fifth of a small model's work, and its output the
-                # biggest tensor of the forward
-                keep = sorted({row - n_prefix for _, rows, *_ in items for row in rows if row >= n_prefix})
                 kw = {}
                 if keep and self._keeps_logits:
                     kw["logits_to_keep"] = torch.tensor(keep, device=self._device)
@@ -692,15 +692,16 @@ class LocalBackend:
                 results.append((positions, branches))
             return results
 
-    def _branched_forward(self, suffixes: list[list[int]], n_prefix: int, past, items: list, pad: int
-                          ) -> tuple[torch.Tensor, torch.Tensor]:
+    def _branched_forward(self, suffixes: list[list[int]], n_prefix: int, past, items: list, pad: int,
+                          keep: list[int]) -> tuple[torch.Tensor, torch.Tensor, dict[int, int] | None]:
         """One forward of the suffixes plus, per item that asks, one copy of its branch token per requested row.
 
         A row of the batch is [suffix, padding to W][branch copies, padding to NB]. The 4-D mask lets suffix
         token i see the prefix and the suffix up to i (plain causal attention), and branch copy j see the prompt
         up to its row r_j and itself, at position r_j + 1: its logits are those of the prompt cut after row r_j
         with the branch token appended. Padding rows see the first key only (a softmax over nothing is NaN).
-        Returns the suffix logits (B, W, V) and the branch logits (B, NB, V)."""
+        Returns the suffix logits, the branch logits (B, NB, V), and where each suffix column `keep` asks for
+        sits among the suffix logits (None: all W columns are there, for a model without `logits_to_keep`)."""
         width = max(len(s) for s in suffixes)
         rows_of = [rows if branch is not None else [] for _, rows, _, branch in items]
         n_branch = max(1, max(len(r) for r in rows_of))
@@ -721,9 +722,15 @@ class LocalBackend:
                 allowed[b, width + j, n_prefix + width + j] = True
         dtype = next(self.lm.parameters()).dtype
         mask = torch.zeros(allowed.shape, dtype=dtype).masked_fill_(~allowed, torch.finfo(dtype).min)[:, None]
+        kw = {}
+        if self._keeps_logits:  # the LM head only where logits are read: the asked rows and the branch copies
+            kw["logits_to_keep"] = torch.tensor(keep + list(range(width, q)), device=self._device)
         logits = self.lm(input_ids=ids.to(self._device), attention_mask=mask.to(self._device),
-                         position_ids=pos.to(self._device), past_key_values=past, use_cache=past is not None).logits
-        return logits[:, :width], logits[:, width:]
+                         position_ids=pos.to(self._device), past_key_values=past, use_cache=past is not None,
+                         **kw).logits
+        if self._keeps_logits:
+            return logits[:, :len(keep)], logits[:, len(keep):], {c: i for i, c in enumerate(keep)}
+        return logits[:, :width], logits[:, width:], None
 
 
     async def aclose(self) -> None:

@@ -1,7 +1,10 @@
 """Helpers shared by the judged scorers (detection, fuzzing) and by the window-based ones."""
 from __future__ import annotations
 
+import asyncio
 import math
+from collections.abc import Callable, Hashable, Sequence
+from typing import TypeVar
 
 from workers.llm.backends.base import LLMBackend, TokenAlternatives, Usage
 from workers.llm.verdict import judged
@@ -10,7 +13,9 @@ from workers.method.records import ActivationRecord
 from workers.method.retrying import MALFORMED_ATTEMPTS, malformed_retrying, sample_settings
 from workers.method.scoring import NON_FINITE_ACTIVATIONS, balanced_accuracy, roc_auc
 
-NO_NEGATIVES = "no non-activating windows (every random record has an activation > 0)"
+NO_NEGATIVES = "no non-activating windows (no window stays below classifier.non_activating_below x the neuron's max)"
+
+T = TypeVar("T")
 
 
 def non_finite_windows(records: list[ActivationRecord]) -> str | None:
@@ -70,10 +75,52 @@ async def judge(backend: LLMBackend, system: str, explanation: str, snippets: li
     return [p.value for p in parsed], probs, usage
 
 
+async def judge_batched(backend: LLMBackend, system: str, explanation: str, batches: list[list[str]], *,
+                        top_logprobs: int, attempts: int = MALFORMED_ATTEMPTS, spent: list[Usage] | None = None
+                        ) -> tuple[list[int], list[float] | None, Usage]:
+    """`judge` once per batch of snippets, concurrently; answers (and P(1) only when every batch gave
+    probabilities) in the order of the batches' snippets, concatenated."""
+    parts = await asyncio.gather(*(
+        judge(backend, system, explanation, batch, top_logprobs=top_logprobs, attempts=attempts, spent=spent)
+        for batch in batches if batch))
+    answers = [a for part, _, _ in parts for a in part]
+    probs = None if any(p is None for _, p, _ in parts) else [x for _, p, _ in parts for x in (p or [])]
+    return answers, probs, sum((u for _, _, u in parts), Usage())
+
+
+def batched(items: Sequence[T], size: int) -> list[list[T]]:
+    """Consecutive batches of `size` items (the last may be shorter)."""
+    return [list(items[i:i + size]) for i in range(0, len(items), size)]
+
+
+def spread(items: Sequence[T], size: int, key: Callable[[T], Hashable]) -> list[list[T]]:
+    """`items` in batches of at most `size` with no two items of the same key in one batch: each item goes into
+    the first batch that has room and lacks its key (greedy, keeping the given order otherwise)."""
+    batches: list[list[T]] = []
+    keys: list[set] = []
+    for item in items:
+        k = key(item)
+        i = next((i for i, b in enumerate(batches) if len(b) < size and k not in keys[i]), None)
+        if i is None:
+            batches.append([])
+            keys.append(set())
+            i = len(batches) - 1
+        batches[i].append(item)
+        keys[i].add(k)
+    return batches
+
+
+def f1_score(labels: Sequence[int], predictions: Sequence[int]) -> float | None:
+    """2 TP / (2 TP + FP + FN) with 1 as the positive class; None when there is no positive label or answer."""
+    tp = sum(1 for y, p in zip(labels, predictions, strict=True) if y and p)
+    wrong = sum(1 for y, p in zip(labels, predictions, strict=True) if bool(y) != bool(p))
+    return 2 * tp / (2 * tp + wrong) if 2 * tp + wrong else None
+
+
 def judged_columns(labels: list[int], answers: list[int], probs: list[float] | None, settings: dict) -> dict:
-    """score (balanced accuracy), auc (with probabilities) and the settings with the window counts."""
+    """score (balanced accuracy), f1, auc (with probabilities) and the settings with the window counts."""
     score = balanced_accuracy(labels, answers)
     auc = roc_auc(labels, probs) if probs is not None else None
     settings = {**settings, "n_positive": sum(labels), "n_negative": len(labels) - sum(labels)}
-    return {"score": score, "auc": auc,
+    return {"score": score, "f1": f1_score(labels, answers), "auc": auc,
             "null_reason": None if score is not None else "needs both kinds of windows", "settings": settings}

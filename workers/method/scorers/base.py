@@ -6,6 +6,7 @@ row's own keys win, so a scorer may set `simulator_model` itself.
 from __future__ import annotations
 
 import json
+import math
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from typing import ClassVar, Protocol
@@ -14,6 +15,7 @@ import numpy as np
 
 from schemas.config import SweepConfig
 from workers.llm.backends.base import LLMBackend, Usage
+from workers.method.explainer import explainer_records
 from workers.method.records import ActivationRecord, NeuronRecords
 from workers.method.simulator import NeuronSimulator, Simulation
 
@@ -55,12 +57,50 @@ class ScoreContext:
         """Windows where the neuron stays at or below 0 on every token (from all its random records)."""
         return non_activating(self.records.random)
 
+    def classifier_windows(self) -> ClassifierWindows:
+        """The activating and non-activating windows of detection, fuzzing and embedding (`classifier_windows`)."""
+        return classifier_windows(self.records, self.splits, self.cfg)
+
+
+@dataclass
+class ClassifierWindows:
+    """What detection, fuzzing and embedding label (docs/method.md §6), and how it was chosen (`settings`)."""
+    activating: list[ActivationRecord]
+    non_activating: list[ActivationRecord]
+    settings: dict
+
+
+def classifier_windows(records: NeuronRecords, splits: dict[str, list[ActivationRecord]],
+                       cfg: SweepConfig) -> ClassifierWindows:
+    """`classifier.examples: stratified` with classifier windows in the records: the stratified windows (less any
+    the explainer was shown) against the extracted non-activating ones. Otherwise (`top`, or records without
+    classifier windows: an older run, a negative side) the valid split's top records against the random records
+    whose every activation is below `non_activating_below` x the neuron's maximum (its top record's max)."""
+    c = cfg.classifier
+    settings: dict = {"non_activating_below": c.non_activating_below, "n_non_activating_wanted": c.n_non_activating}
+    shown = {r.seq_id for r in explainer_records(records, splits, cfg)}
+    if c.examples == "stratified" and (records.stratified or records.non_activating):
+        activating = [r for r in records.stratified if r.seq_id not in shown]
+        settings.update(protocol="stratified", bins=c.bins, per_bin=c.per_bin,
+                        shown_to_explainer_left_out=len(records.stratified) - len(activating))
+        return ClassifierWindows(activating, records.non_activating[:c.n_non_activating], settings)
+    neuron_max = max((r.max_activation for r in records.top), default=-math.inf)
+    cut = c.non_activating_below * neuron_max
+    quiet = [r for r in records.random
+             if neuron_max > 0 and r.activations and all(x < cut for x in r.activations)]  # NaN: not below
+    settings["protocol"] = "top"
+    if c.examples == "stratified":
+        settings["fallback"] = "the records hold no classifier windows"
+    return ClassifierWindows([r for r in splits["valid"] if r.kind == "top" and r.seq_id not in shown],
+                             quiet[:c.n_non_activating], settings)
+
 
 class Scorer(ABC):
     name: ClassVar[str]  # the value of `scorers:` in the config and of the `scorer` column
     needs_simulation: ClassVar[bool] = False  # the valid and calibration splits simulated with the explanation
     needs_judge: ClassVar[bool] = False  # asks `ctx.judge` questions (LLM calls)
     needs_embedder: ClassVar[bool] = False  # uses `ctx.embedder`; the caller must load one
+    uses_classifier_windows: ClassVar[bool] = False  # reads `ctx.classifier_windows()` (extraction picks them)
 
     @abstractmethod
     async def score(self, ctx: ScoreContext) -> list[dict]:
