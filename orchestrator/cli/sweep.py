@@ -219,21 +219,13 @@ def show(run: Annotated[str, typer.Argument(help="run directory or URI")], layer
     negative = d.get("negative")  # its negative side, where explained too (docs/method.md §1 "Both signs")
     if negative:
         out.print(" positive side:")
-    for e in d["explanations"]:
-        mark = "*" if e.get("selected") else " "
-        out.print(escape(f" {mark} explanation [{e['candidate']}]: {e['explanation']}"))
-    for s in d["scores"]:
-        out.print(score_line(s))
+    _print_side(out, d)
     for r in d["records"]["top"][:n_records]:
         text = "".join(f"{tok}[{act:.2f}]" if act > 0 else tok for tok, act in zip(r["tokens"], r["activations"]))
         out.print(f"   top #{r['rank']} (max {r['max_activation']:.3f}): {text!r}", markup=False, highlight=False)
     if negative:
         out.print(" negative side (bottom records, negated):")
-        for e in negative["explanations"]:
-            mark = "*" if e.get("selected") else " "
-            out.print(escape(f" {mark} explanation [{e['candidate']}]: {e['explanation']}"))
-        for s in negative["scores"]:
-            out.print(score_line(s))
+        _print_side(out, negative)
         for r in d["records"]["bottom"][:n_records]:
             text = "".join(f"{tok}[{act:.2f}]" if act < 0 else tok for tok, act in zip(r["tokens"], r["activations"]))
             out.print(f"   bottom #{r['rank']} (min {min(r['activations'], default=0.0):.3f}): {text!r}", markup=False,
@@ -272,6 +264,15 @@ def explain(layer: Annotated[int, typer.Option("--layer", help="layer of the neu
     for row in result.explanation_rows:
         out.print(escape(f" {'*' if row['selected'] else ' '} {row['explanation']}"))
     for s in result.score_rows:
+        out.print(score_line(s))
+
+
+def _print_side(out, side: dict) -> None:
+    """One side's explanation candidates (the selected one starred) and score lines."""
+    for e in side["explanations"]:
+        mark = "*" if e.get("selected") else " "
+        out.print(escape(f" {mark} explanation [{e['candidate']}]: {e['explanation']}"))
+    for s in side["scores"]:
         out.print(score_line(s))
 
 

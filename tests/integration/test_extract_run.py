@@ -146,16 +146,9 @@ def test_reading_a_neuron_range_opens_only_its_files(tmp_path, monkeypatch):
     assert pq.read_metadata(store.list_files("records/layer=1")[0]).num_rows == 16 * 7
 
 
-def test_quantile_and_bottom_records_equal_brute_force_and_the_quantile_pass_resumes(tmp_path, tiny_llama,
-                                                                                     monkeypatch):
-    """120 windows, chunks of 32 cut into batches of 7: every activation materialised over the same batches; the
-    quantile picks computed the slow way (the sketch's bins, the hash picks) from the brute-force window maxima;
-    the quantile pass's activations equal the first pass's bit for bit where a window is also a top, bottom or
-    random record. A gated MLP gets bottom records by default (as many as top records)."""
-    cfg = config(tmp_path, model={"name": "tiny-llama", "batch_size": 7}, corpus={"seq_len": 8, "max_windows": 120},
-                 records={"n_per_quantile": 2})
-    store = RunStore.open(str(tmp_path), create=True)
-    run_extraction(cfg, store, use_ray=False, chunk_windows=32)
+def brute_force_and_stored(store, tiny_llama):
+    """Both layers' activations of the 120 stored windows from plain forwards over the same batches (chunks of
+    32 cut into batches of 7), and the stored records by (layer, neuron) and kind."""
     token_ids = torch.tensor(store.read_table("sequences")["token_ids"].to_pylist())
     acts = {0: [], 1: []}
     hooks = [tiny_llama.down_proj(layer).register_forward_pre_hook(
@@ -166,9 +159,23 @@ def test_quantile_and_bottom_records_equal_brute_force_and_the_quantile_pass_res
                 tiny_llama.model(token_ids[i:min(i + 7, lo + 32, 120)])
     for h in hooks:
         h.remove()
-    got = {}
+    got: dict = {}
     for r in store.read_table("records").to_pylist():
         got.setdefault((r["layer"], r["neuron"]), {}).setdefault(r["kind"], []).append(r)
+    return acts, got
+
+
+def test_quantile_and_bottom_records_equal_brute_force_and_the_quantile_pass_resumes(tmp_path, tiny_llama,
+                                                                                     monkeypatch):
+    """120 windows, chunks of 32 cut into batches of 7: every activation materialised over the same batches; the
+    quantile picks computed the slow way (the sketch's bins, the hash picks) from the brute-force window maxima;
+    the quantile pass's activations equal the first pass's bit for bit where a window is also a top, bottom or
+    random record. A gated MLP gets bottom records by default (as many as top records)."""
+    cfg = config(tmp_path, model={"name": "tiny-llama", "batch_size": 7}, corpus={"seq_len": 8, "max_windows": 120},
+                 records={"n_per_quantile": 2})
+    store = RunStore.open(str(tmp_path), create=True)
+    run_extraction(cfg, store, use_ray=False, chunk_windows=32)
+    acts, got = brute_force_and_stored(store, tiny_llama)
     n_picks = n_shared = 0
     for layer in (0, 1):
         full = np.concatenate(acts[layer])  # [120, 8, 64], brute force
@@ -209,19 +216,7 @@ def test_classifier_windows_equal_the_slow_reference_beside_quantile_records(tmp
                  classifier={"bins": 4, "per_bin": 2, "n_non_activating": 5, "non_activating_below": 0.3})
     store = RunStore.open(str(tmp_path), create=True)
     run_extraction(cfg, store, use_ray=False, chunk_windows=32)
-    token_ids = torch.tensor(store.read_table("sequences")["token_ids"].to_pylist())
-    acts = {0: [], 1: []}
-    hooks = [tiny_llama.down_proj(layer).register_forward_pre_hook(
-        lambda m, a, layer=layer: acts[layer].append(a[0].numpy().copy())) for layer in (0, 1)]
-    with torch.no_grad():
-        for lo in range(0, 120, 32):
-            for i in range(lo, min(lo + 32, 120), 7):
-                tiny_llama.model(token_ids[i:min(i + 7, lo + 32, 120)])
-    for h in hooks:
-        h.remove()
-    got = {}
-    for r in store.read_table("records").to_pylist():
-        got.setdefault((r["layer"], r["neuron"]), {}).setdefault(r["kind"], []).append(r)
+    acts, got = brute_force_and_stored(store, tiny_llama)
     n_low = 0
     for layer in (0, 1):
         full = np.concatenate(acts[layer])  # [120, 8, 64]
