@@ -172,8 +172,19 @@ class Campaign:
         os.kill(p.pid, signal.SIGKILL)  # the driver only: its actors go when Ray sees their owner gone
         p.wait()
         wait_until(lambda: self.answered() >= self.gate.passed, 30, "the requests let through to be answered")
+        # the killed driver's actors live on for a moment and may still journal answers they hold: count those
+        # in this era (measured earlier, they would shrink the next era's count of calls in flight)
+        self._settle_journal()
         self.in_flight += max(0, self._end_era())
         self.kills += 1
+
+    def _settle_journal(self, quiet_s: float = 1.0, timeout_s: float = 30.0) -> None:
+        """Wait until the journal has taken no row for `quiet_s`."""
+        deadline, rows, since = time.monotonic() + timeout_s, journal_size(self.run), time.monotonic()
+        while time.monotonic() - since < quiet_s and time.monotonic() < deadline:
+            time.sleep(0.1)
+            if (now := journal_size(self.run)) != rows:
+                rows, since = now, time.monotonic()
 
     def finish(self, retry: bool) -> dict:
         self.gate.open_for = float("inf")
