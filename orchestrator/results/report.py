@@ -88,11 +88,7 @@ def summary_markdown(index: pa.Table, progress: Progress, *, run: str, headline:
     lines += [f"- neurons done: **{p.done}**{planned} (failed {p.failed}, skipped {p.skipped}, "
               f"pending {p.pending if p.pending is not None else 'unknown'})",
               f"- neurons with a defined {headline} score: {len(scores)}"]
-    for t in THRESHOLDS:
-        share = f"{(scores >= t).mean():.1%}" if len(scores) else "n/a"
-        lines.append(f"- share with score ≥ {t}: **{share}** ({int((scores >= t).sum())} neurons)")
-    if len(scores):
-        lines.append(f"- mean score {scores.mean():.3f}, median {np.median(scores):.3f}")
+    lines += _score_lines(scores)
     lines += _negative_lines(index, headline)
     per = p.processed or 0
     lines += [f"- tokens: {p.prompt_tokens:,} prompt + {p.completion_tokens:,} completion"
@@ -130,11 +126,17 @@ def _negative_lines(index: pa.Table, headline: str) -> list[str]:
     scores = np.array(neg)
     lines = [f"- negative sides explained: **{sides.num_rows}** neurons ({failed} failed), with a defined "
              f"{headline} score: {len(neg)}; reported apart, the figures above are the positive side's"]
+    return lines + _score_lines(scores, "negative side: ")
+
+
+def _score_lines(scores: np.ndarray, side: str = "") -> list[str]:
+    """The share of scores at each threshold, and their mean and median."""
+    lines = []
     for t in THRESHOLDS:
         share = f"{(scores >= t).mean():.1%}" if len(scores) else "n/a"
-        lines.append(f"- negative side: share with score ≥ {t}: **{share}** ({int((scores >= t).sum())} neurons)")
+        lines.append(f"- {side}share with score ≥ {t}: **{share}** ({int((scores >= t).sum())} neurons)")
     if len(scores):
-        lines.append(f"- negative side: mean score {scores.mean():.3f}, median {np.median(scores):.3f}")
+        lines.append(f"- {side}mean score {scores.mean():.3f}, median {np.median(scores):.3f}")
     return lines
 
 
