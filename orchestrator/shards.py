@@ -237,8 +237,8 @@ class ShardRunner:
         null score per configured scorer, its `null_reason` saying why. Each side has `neuron_deadline_s`; the
         row's tokens and cost count both."""
         started = time.monotonic()
-        status, error, reason, result, negative = "done", None, None, None, None
-        usage = {"explainer": Usage(), "simulator": Usage()}
+        status, error, reason = "done", None, None
+        usage: Mapping[str, Usage] = {"explainer": Usage(), "simulator": Usage()}
         rows: dict[str, list[dict]] = {"explanations": [], "scores": []}
         if not records.top:
             status, error = "failed", "records: no records for this neuron (was extraction complete?)"
@@ -252,18 +252,11 @@ class ShardRunner:
                     usage = result.usage
                 if error is not None:
                     status = "failed"
-                elif result is not None:  # always, when there is no error
+                else:
+                    assert result is not None  # _side returns a result whenever there is no error
                     _add_side(rows, result, POSITIVE)
-                    negated = negative_side(records, self.cfg)
-                    if negated is not None:
-                        negative, neg_error, neg_reason = await self._side(negated)
-                        if negative is not None:
-                            usage = _sum_usage(usage, negative.usage)
-                        if neg_error is None and negative is not None:
-                            _add_side(rows, negative, NEGATIVE)
-                        else:
-                            rows["scores"] += _failed_side_rows(records, self.cfg.scorers, NEGATIVE,
-                                                                neg_error or "", neg_reason)
+                    if (negated := negative_side(records, self.cfg)) is not None:
+                        usage = _sum_usage(usage, await self._negative(negated, rows))
         ledger = {"layer": records.layer, "neuron": records.neuron, "status": status, "attempts": attempt,
                   "error": error, "reason": None if reason is None else reason.value, "updated_at": self.now(),
                   "shard_id": None,
@@ -272,6 +265,16 @@ class ShardRunner:
                   "cost_usd": cost_usd(self.cfg, usage), "elapsed_s": time.monotonic() - started}
         self._count_finished(ledger, 1)
         return {**rows, "ledger": [ledger]}
+
+    async def _negative(self, negated: NeuronRecords, rows: dict[str, list[dict]]) -> Mapping[str, Usage]:
+        """Add the negative side's rows (or, when it failed, its null scores saying why); returns its usage."""
+        result, error, reason = await self._side(negated)
+        if error is None:
+            assert result is not None
+            _add_side(rows, result, NEGATIVE)
+        else:
+            rows["scores"] += _failed_side_rows(negated, self.cfg.scorers, NEGATIVE, error, reason)
+        return result.usage if result is not None else {}
 
     async def _side(self, records: NeuronRecords) -> tuple[NeuronResult | None, str | None, FailureReason | None]:
         """The method on one side of a neuron: (its result, or None when it raised; the error, None when it is

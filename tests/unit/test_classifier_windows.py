@@ -24,9 +24,9 @@ from workers.extract.sketch import (
 from workers.method.explainer import explainer_records
 from workers.method.neuron import explain_and_score
 from workers.method.records import ActivationRecord, NeuronRecords
-from workers.method.scorers._common import f1_score, spread
+from workers.method.scorers._common import spread
 from workers.method.scorers.base import classifier_windows
-from workers.method.scoring import split_records
+from workers.method.scoring import f1_score, split_records
 
 SEED = 1234
 

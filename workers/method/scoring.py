@@ -232,6 +232,13 @@ def balanced_accuracy(labels: Sequence[int], predictions: Sequence[int]) -> floa
     return (sum(1 for p in pos if p) / len(pos) + sum(1 for p in neg if not p) / len(neg)) / 2
 
 
+def f1_score(labels: Sequence[int], predictions: Sequence[int]) -> float | None:
+    """2 TP / (2 TP + FP + FN) with 1 as the positive class; None when there is no positive label or answer."""
+    tp = sum(1 for y, p in zip(labels, predictions, strict=True) if y and p)
+    wrong = sum(1 for y, p in zip(labels, predictions, strict=True) if bool(y) != bool(p))
+    return 2 * tp / (2 * tp + wrong) if 2 * tp + wrong else None
+
+
 def roc_auc(labels: Sequence[int], scores: Sequence[float]) -> float | None:
     """Probability that a random positive scores above a random negative (ties count half); None without
     both classes or with NaN scores."""

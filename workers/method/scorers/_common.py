@@ -11,7 +11,7 @@ from workers.llm.verdict import judged
 from workers.method.prompts import MalformedAnswerError, judge_messages, parse_binary_list
 from workers.method.records import ActivationRecord
 from workers.method.retrying import MALFORMED_ATTEMPTS, malformed_retrying, sample_settings
-from workers.method.scoring import NON_FINITE_ACTIVATIONS, balanced_accuracy, roc_auc
+from workers.method.scoring import NON_FINITE_ACTIVATIONS, balanced_accuracy, f1_score, roc_auc
 
 NO_NEGATIVES = "no non-activating windows (no window stays below classifier.non_activating_below x the neuron's max)"
 
@@ -108,13 +108,6 @@ def spread(items: Sequence[T], size: int, key: Callable[[T], Hashable]) -> list[
         batches[i].append(item)
         keys[i].add(k)
     return batches
-
-
-def f1_score(labels: Sequence[int], predictions: Sequence[int]) -> float | None:
-    """2 TP / (2 TP + FP + FN) with 1 as the positive class; None when there is no positive label or answer."""
-    tp = sum(1 for y, p in zip(labels, predictions, strict=True) if y and p)
-    wrong = sum(1 for y, p in zip(labels, predictions, strict=True) if bool(y) != bool(p))
-    return 2 * tp / (2 * tp + wrong) if 2 * tp + wrong else None
 
 
 def judged_columns(labels: list[int], answers: list[int], probs: list[float] | None, settings: dict) -> dict:

@@ -9,6 +9,7 @@ import math
 import random
 from collections.abc import Sequence
 
+from schemas.config import Classifier
 from workers.llm.backends.base import LLMBackend, Usage
 from workers.method.prompts import FUZZING_SYSTEM, window_text
 from workers.method.records import ActivationRecord
@@ -16,7 +17,8 @@ from workers.method.retrying import MALFORMED_ATTEMPTS
 from workers.method.scorers._common import NO_NEGATIVES, judge_batched, judged_columns, non_finite_windows, spread
 from workers.method.scorers.base import ScoreContext, Scorer, score_row
 
-FUZZ_HIGHLIGHT = 0.4  # a token counts as active at >= 0.4 x its window's maximum (level 4 on the 0-10 scale)
+# a token counts as active at >= this x its window's maximum (0.4: level 4 on the 0-10 scale); one default, the config's
+FUZZ_HIGHLIGHT: float = Classifier.model_fields["highlight"].default
 ROW_NAMES = {"standard": "fuzzing", "active": "fuzzing_active"}  # the `scorer` column of each decoy kind's row
 
 
