@@ -11,6 +11,11 @@ PYTEST_ARGS ?=
 # unit (in-process, no servers), integration (local Ray, test servers, child processes), system (end to end:
 # real sweeps, Prometheus, Chromium, the embedded model).
 TIERS   := unit integration system
+# Test workers (pytest-xdist; TEST_WORKERS=0 runs everything in one process). A test module runs whole on one
+# worker, so its module fixtures (a local Ray, a test server) start once; tests/conftest.py orders the modules,
+# the heaviest first.
+TEST_WORKERS ?= 2
+XDIST   := $(if $(filter 0,$(TEST_WORKERS)),,-n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder)
 
 .PHONY: venv test test-unit test-integration test-system lint typecheck demo sae-demo bench system-deps clean-venv lock
 
@@ -40,17 +45,17 @@ $(DEMO): $(BASE) pyproject.toml constraints.txt
 system-deps:
 	@bash scripts/system-deps.sh
 
-# All tiers, one pytest run. NEURONSWEEP_REQUIRE_SYSTEM_TOOLS=1 turns a missing Prometheus/promtool/Chromium
-# into a failure instead of a skip (see tests/support/system_tools.py).
+# All tiers, one pytest run (on TEST_WORKERS workers). NEURONSWEEP_REQUIRE_SYSTEM_TOOLS=1 turns a missing
+# Prometheus/promtool/Chromium into a failure instead of a skip (see tests/support/system_tools.py).
 test: $(DEV) system-deps
-	NEURONSWEEP_REQUIRE_SYSTEM_TOOLS=1 $(PY) -m pytest $(addprefix tests/,$(TIERS)) $(PYTEST_ARGS)
+	NEURONSWEEP_REQUIRE_SYSTEM_TOOLS=1 $(PY) -m pytest $(XDIST) $(addprefix tests/,$(TIERS)) $(PYTEST_ARGS)
 
 # One tier at a time.
 test-unit test-integration: $(DEV)
-	$(PY) -m pytest tests/$(@:test-%=%) $(PYTEST_ARGS)
+	$(PY) -m pytest $(XDIST) tests/$(@:test-%=%) $(PYTEST_ARGS)
 
 test-system: $(DEV) system-deps
-	NEURONSWEEP_REQUIRE_SYSTEM_TOOLS=1 $(PY) -m pytest tests/system $(PYTEST_ARGS)
+	NEURONSWEEP_REQUIRE_SYSTEM_TOOLS=1 $(PY) -m pytest $(XDIST) tests/system $(PYTEST_ARGS)
 
 # Settings in pyproject.toml ([tool.ruff], [tool.mypy]).
 lint: $(DEV)

@@ -50,7 +50,7 @@ def main() -> None:
     cfg = SweepConfig.from_dict({"output": str(out), "shard_size": args.shard_size, "metrics_port": 0,
                                  "max_inflight_shards": 4})
     prepare_synthetic_run(cfg, args.layers, args.neurons)
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     peak = {"rss": rss_mb(), "stop": False}
     samples = []
 

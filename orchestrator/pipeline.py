@@ -30,6 +30,7 @@ from orchestrator.lease import DEFAULT_STALE_AFTER_S, RunLease, lease_token
 from orchestrator.metrics import SweepMetrics
 from orchestrator.placement import ActorSlots
 from orchestrator.plan import Plan, Shard, prepare_run
+from orchestrator.ray_session import init_ray
 from orchestrator.shards import (
     NeuronProcessor,
     ShardRunner,
@@ -308,24 +309,6 @@ def default_actor_count(cfg: SweepConfig, runner_factory: RunnerFactory) -> int:
     if runner_factory.holds_local_llm(cfg):
         return 1  # a local LLM is CPU/GPU-bound; one copy per sweep on a laptop
     return max(1, min(cpus, 8))
-
-
-def init_ray(cfg: SweepConfig) -> bool:
-    """Join `cfg.ray_address` or start Ray in-process; returns whether we started it."""
-    import ray
-
-    from workers.models import MODEL_SOURCES_ENV
-
-    if ray.is_initialized():
-        return False
-    kw: dict[str, Any] = dict(address=cfg.ray_address, log_to_driver=False) if cfg.ray_address else dict(
-        include_dashboard=False, log_to_driver=False)
-    if cfg.ray_address and os.environ.get(MODEL_SOURCES_ENV):
-        # a cluster's workers do not inherit this process's environment (a local one's do): hand them the
-        # model source modules so they load the same subject model as the driver planned with
-        kw["runtime_env"] = {"env_vars": {MODEL_SOURCES_ENV: os.environ[MODEL_SOURCES_ENV]}}
-    ray.init(**kw)
-    return True
 
 
 def run_sweep(cfg: SweepConfig, env: Mapping[str, str], *, runner_factory: RunnerFactory | None = None,

@@ -17,7 +17,9 @@ TIERS = ("unit", "integration", "system")  # the folders under tests/, each also
 
 def pytest_collection_modifyitems(config, items):
     """Mark each test with its tier; a test module outside the tier folders is a usage error, so that a run
-    by tier (`make test` runs tests/unit tests/integration tests/system) cannot leave it out unnoticed."""
+    by tier (`make test` runs tests/unit tests/integration tests/system) cannot leave it out unnoticed.
+
+    Under pytest-xdist (`make test` runs two workers) also order the modules: see `_heavy_modules_first`."""
     here = Path(__file__).parent
     for item in items:
         path = Path(item.path)
@@ -28,6 +30,43 @@ def pytest_collection_modifyitems(config, items):
             raise pytest.UsageError(f"{path.relative_to(here.parent)}: test modules belong in tests/unit, "
                                     f"tests/integration or tests/system")
         item.add_marker(getattr(pytest.mark, tier))
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        items[:] = _heavy_modules_first(items)
+
+
+def _heavy_modules_first(items: list) -> list:
+    """`make test` hands each worker whole modules (`--dist loadfile`: a module's fixtures, such as its local
+    Ray, start once) in the order collected (`--no-loadscope-reorder`). Modules with a slow test (or the live
+    sweep) come first, then those loading the embedded model, then the rest, each in collection order: the last
+    modules handed out are short, so no worker waits minutes at the end for the other to finish a long one."""
+    modules: dict[str, list] = {}
+    for item in items:
+        modules.setdefault(item.nodeid.split("::")[0], []).append(item)
+
+    def weight(module: str) -> int:
+        tests = modules[module]
+        if any(t.get_closest_marker("slow") or "live_sweep" in t.fixturenames for t in tests):
+            return 2
+        return int(any(t.get_closest_marker("real_model") for t in tests))
+    return [item for module in sorted(modules, key=weight, reverse=True) for item in modules[module]]
+
+
+_MEASURED: list[str] = []
+
+
+def pytest_runtest_logreport(report):
+    """Collect the figures tests report with `record_property("measured", line)` (under xdist too: the
+    reports reach the controlling process with their properties)."""
+    if report.when == "call":
+        _MEASURED.extend(v for k, v in report.user_properties if k == "measured")
+
+
+def pytest_terminal_summary(terminalreporter):
+    """Print those figures after the run, e.g. the fault campaign's repeated calls and the demo slice's time."""
+    if _MEASURED:
+        terminalreporter.section("measured")
+        for line in _MEASURED:
+            terminalreporter.write_line(line)
 
 
 @pytest.fixture(scope="module")

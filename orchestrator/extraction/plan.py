@@ -36,7 +36,12 @@ def bottom_k_for(cfg: SweepConfig, architecture: str) -> int:
 
 
 def checked_plan(cfg: SweepConfig, store: RunStore, info, layers: list[int], chunk_windows: int,
-                 unit_source: dict | None = None) -> dict:
+                 unit_source: dict | None = None, *, complete: bool = False) -> dict:
+    """The extraction plan of `store` (written here when the run has none yet); an ExtractError when the run
+    holds an extraction made with other settings. `complete`: the run's extraction is finished (only checked;
+    one from before plans were recorded has nothing to check against)."""
+    if complete and not store.exists(EXTRACT_PLAN):
+        return {}
     plan = {"model": info.name, "layers": layers, "n_neurons": info.n_neurons, "seq_len": cfg.corpus.seq_len,
             "top_k": cfg.records.top_k, "n_random": cfg.records.n_random, "seed": cfg.seed,
             "corpus": cfg.corpus.source, "max_windows": cfg.corpus.max_windows, "chunk_windows": chunk_windows,
@@ -57,7 +62,8 @@ def checked_plan(cfg: SweepConfig, store: RunStore, info, layers: list[int], chu
         diff = [k for k in PLAN_KEYS if k != "chunk_windows" and old.get(k) != plan[k]]
         if diff:
             raise ExtractError(
-                f"{store.root} holds a partial extraction with other settings ({', '.join(diff)}: "
+                f"{store.root} holds a {'complete' if complete else 'partial'} extraction with other settings "
+                f"({', '.join(diff)}: "
                 f"{', '.join(f'{old.get(k)!r} there, {plan[k]!r} now' for k in diff)}); use a new --out")
         return old  # the chunking of a started run is kept, whatever chunk size is asked now
     store.write_json(EXTRACT_PLAN, plan)

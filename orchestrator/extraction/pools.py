@@ -48,13 +48,11 @@ class RayPool:
     def _start(self, n_tasks: int) -> None:
         import ray
 
+        from orchestrator.ray_session import init_ray
         from workers.extract.actor import ExtractActor, actor_options
 
         cfg = self.cfg
-        if not ray.is_initialized():
-            kw = dict(address=cfg.ray_address) if cfg.ray_address else dict(include_dashboard=False)
-            ray.init(log_to_driver=False, **kw)
-            self.started_ray = True
+        self.started_ray = init_ray(cfg)
         gpus = ray.cluster_resources().get("GPU", 0)
         n = max(1, min(self.n_actors or (int(gpus) or 1), n_tasks))
         # @ray.remote turns the class into a Ray ActorClass (with .options); mypy still sees the plain class

@@ -42,10 +42,6 @@ def run_extraction(cfg: SweepConfig, store: RunStore, *, n_actors: int | None = 
     per-window reductions with torch.compile (None: for GPUs and real-sized models, see `wants_compile`)."""
     from workers.models.loading import model_info
 
-    if store.exists(EXTRACT_MARKER):
-        m = store.read_json(EXTRACT_MARKER)
-        return ExtractSummary(True, (m.get("model") or {}).get("name", ""), m.get("layers", []),
-                              m.get("n_neurons", 0), m.get("n_windows", 0), m.get("n_chunks", 0), marker=m)
     t0 = time.monotonic()
     model = info = model_info(cfg.model.name)
     units = None  # SAE/transcoder latents or directions (workers/units/): their width is the units per layer
@@ -58,8 +54,15 @@ def run_extraction(cfg: SweepConfig, store: RunStore, *, n_actors: int | None = 
         info = replace(info, n_neurons=units["n_neurons"])
     cfg.check_against_model(info.n_layers, info.n_neurons, info.max_positions)
     layers = units["unit_layers"] if units else cfg.layer_list(info.n_layers)
-    plan = checked_plan(cfg, store, info, layers, chunk_windows or DEFAULT_CHUNK_WINDOWS,
-                        units["units"] if units else None)
+    unit_source = units["units"] if units else None
+    if store.exists(EXTRACT_MARKER):
+        # a finished extraction stands only for the settings it ran with (model, layers, windows, records, the
+        # dictionary's weights): the same check as a partial one's, before it is reused
+        checked_plan(cfg, store, info, layers, chunk_windows or DEFAULT_CHUNK_WINDOWS, unit_source, complete=True)
+        m = store.read_json(EXTRACT_MARKER)
+        return ExtractSummary(True, (m.get("model") or {}).get("name", ""), m.get("layers", []),
+                              m.get("n_neurons", 0), m.get("n_windows", 0), m.get("n_chunks", 0), marker=m)
+    plan = checked_plan(cfg, store, info, layers, chunk_windows or DEFAULT_CHUNK_WINDOWS, unit_source)
     manifest = write_sequences(cfg, store, plan["chunk_windows"])
     n_chunks, n_windows = manifest["n_chunks"], manifest["n_windows"]
     quantiles = cfg.records.quantiles

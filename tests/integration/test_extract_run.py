@@ -330,7 +330,7 @@ def test_an_empty_corpus_is_a_clear_error(tmp_path):
                        RunStore.open(str(tmp_path / "run"), create=True), use_ray=False)
 
 
-def test_cli_extract_then_again_does_nothing(tmp_path, capsys):
+def test_cli_extract_then_again_does_nothing_and_other_settings_are_refused(tmp_path, capsys):
     from orchestrator.cli.app import main
     args = ["extract", "--model", "tiny-llama", "--layers", "1", "--max-windows", "12", "--seq-len", "8",
             "--out", str(tmp_path), "--local", "--set", "records.top_k=4", "--set", "records.n_random=3",
@@ -339,6 +339,10 @@ def test_cli_extract_then_again_does_nothing(tmp_path, capsys):
     assert "extracted 1 layers x 64 neurons over 12 windows" in capsys.readouterr().out
     assert main(args) == 0
     assert "already complete" in capsys.readouterr().out
+    # a finished extraction is not reused for other settings
+    assert main([("12" if a == "8" else a) for a in args]) == 2
+    assert ("holds a complete extraction with other settings (seq_len: 8 there, 12 now); use a new --out"
+            in capsys.readouterr().err)
     assert main(["extract", "--model", "tiny-llama", "--layers", "7", "--out", str(tmp_path / "x"), "--local"]) == 2
     assert "layer 7 is out of range" in capsys.readouterr().err
 

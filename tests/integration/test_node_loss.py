@@ -9,6 +9,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -69,8 +70,11 @@ def test_sweep_survives_the_loss_of_a_worker_node(tmp_path):
     root = str(Path(__file__).resolve().parents[2])
     # the script's own folder heads its sys.path; the test doubles in `testing/` (not installed) need the root
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, (root, os.environ.get("PYTHONPATH"))))}
-    r = subprocess.run([sys.executable, __file__, str(out)], capture_output=True, text=True, timeout=400,
-                       cwd=root, env=env)
+    # Ray's temp folder of its own (short: Ray's socket paths): a `Cluster` writes, and on shutdown deletes,
+    # <RAY_TMPDIR>/ray/ray_current_cluster, the pointer a developer's `ray start` left in /tmp/ray
+    with tempfile.TemporaryDirectory(prefix="ns-ray-", dir="/tmp") as ray_tmp:
+        r = subprocess.run([sys.executable, __file__, str(out)], capture_output=True, text=True, timeout=400,
+                           cwd=root, env={**env, "RAY_TMPDIR": ray_tmp})
     assert r.returncode == 0, r.stderr[-3000:]
     facts = json.loads(r.stdout.strip().splitlines()[-1])
     assert facts["actors_on_killed_node"] >= 1, "no actor was on the killed node; the test would prove nothing"

@@ -22,9 +22,9 @@ def seconds(m: re.Match) -> int:
 def test_a_sweep_writing_to_a_file_prints_progress_lines_at_the_interval(tmp_path):
     run = tmp_path / "run"
     args = [sys.executable, "-m", "orchestrator.cli.app", "sweep", "--model", "tiny-llama", "--layers", "0",
-            "--neurons", "0-7", "--out", str(run), "--set", "corpus.max_windows=96", "--set", "metrics_port=0",
+            "--neurons", "0-3", "--out", str(run), "--set", "corpus.max_windows=96", "--set", "metrics_port=0",
             "--set", "explainer.model=tiny-llama", "--set", "simulator.model=tiny-llama",
-            "--set", "explainer.max_tokens=8", "--set", "shard_size=4", "--set", "progress_interval_s=1",
+            "--set", "explainer.max_tokens=8", "--set", "shard_size=2", "--set", "progress_interval_s=1",
             "--set", "records.negative=off"]  # the positive sides are enough to watch the lines
     env = {**os.environ, "COLUMNS": "200"}
     started = time.monotonic()
@@ -42,6 +42,6 @@ def test_a_sweep_writing_to_a_file_prints_progress_lines_at_the_interval(tmp_pat
     assert stamps == sorted(stamps) and max(b - a for a, b in zip(stamps, stamps[1:])) <= 5
     assert "\x1b[" not in text  # plain text: no terminal control codes in a log
     neurons = [m.group(5) for m in lines if m.group(4) == "neurons"]
-    assert neurons and all(re.match(r" \d+/8: \d+ done, \d+ failed, \d+ skipped \| .* tokens, \$[\d.]+ \| queue \d+ "
+    assert neurons and all(re.match(r" \d+/4: \d+ done, \d+ failed, \d+ skipped \| .* tokens, \$[\d.]+ \| queue \d+ "
                                     r"shards?$", n) for n in neurons)
-    assert "neurons: " in text and "of 8" in text  # the summary after the last line
+    assert "neurons: " in text and "of 4" in text  # the summary after the last line

@@ -2,6 +2,7 @@
 import json
 import threading
 import time
+from pathlib import Path
 
 import pytest
 
@@ -240,3 +241,27 @@ def test_ray_workers_import_testing_and_see_the_test_model_sources(ray_local):
     pid, width = ray_local.get(in_a_worker.remote())
     import os
     assert pid != os.getpid() and width == 64
+
+
+def test_without_an_address_the_driver_starts_its_own_ray_beside_a_running_cluster(ray_local):
+    """Ray's plain `ray.init()` joins the cluster that `ray start` (or `ray.cluster_utils.Cluster`) last started on
+    the machine, named in $RAY_TMPDIR/ray/ray_current_cluster; with no --address and no RAY_ADDRESS the driver
+    must start its own (a CPU-less test cluster running beside a CLI sweep once left its extraction actors
+    unschedulable). The file here names this module's live cluster."""
+    import os
+    import subprocess
+    import sys
+    import tempfile
+
+    theirs = ray_local.get_runtime_context().gcs_address
+    with tempfile.TemporaryDirectory(prefix="ns-ray-", dir="/tmp") as tmp:  # short: Ray's socket paths
+        (Path(tmp) / "ray").mkdir()
+        (Path(tmp) / "ray" / "ray_current_cluster").write_text(theirs)
+        code = ("import ray\nfrom orchestrator.ray_session import init_ray\nfrom schemas.config import SweepConfig\n"
+                "assert init_ray(SweepConfig())\nprint(ray.get_runtime_context().gcs_address)\nray.shutdown()\n")
+        env = {**{k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}, "RAY_TMPDIR": tmp}
+        r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=180,
+                           cwd=Path(__file__).resolve().parents[2])
+    assert r.returncode == 0, r.stderr[-2000:]
+    ours = r.stdout.strip().splitlines()[-1]
+    assert ours and ours != theirs, (ours, theirs)

@@ -1,6 +1,7 @@
 """A real sweep running in its own process, serving its driver metrics on loopback: tiny subject model, real
-extraction, the method through the OpenAI-compatible test server. Shared (session scope) by the dashboard and
-real-Prometheus tests, so they check what a running sweep actually exports."""
+extraction, the method through the OpenAI-compatible test server: 8 neurons in 4 shards, one at a time, so a
+scrape every second sees several values. The real-Prometheus tests (test_prometheus.py) check what a running
+sweep actually exports."""
 from __future__ import annotations
 
 import json
@@ -112,7 +113,7 @@ def start_live_sweep(workdir) -> tuple[LiveSweep, TestServer]:
     backend = {"kind": "openai", "model": "rule-stub", "base_url": server.base_url, "api_key_env": "NS_LIVE_KEY",
                "concurrency": 4, "price_input_per_mtok": 0.15, "price_output_per_mtok": 0.6}
     cfg = {"model": {"name": "tiny-gpt2"}, "corpus": {"seq_len": 16, "max_windows": 120}, "layers": "0-1",
-           "neurons": "0-7", "shard_size": 2, "max_inflight_shards": 1, "output": str(workdir / "run"),
+           "neurons": "0-3", "shard_size": 2, "max_inflight_shards": 1, "output": str(workdir / "run"),
            "metrics_port": port, "explainer": {**backend, "capabilities": "chat"},
            "simulator": {**backend, "capabilities": "chat_logprobs"}}
     (workdir / "sweep.yaml").write_text(yaml.safe_dump(cfg))

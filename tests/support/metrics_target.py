@@ -1,4 +1,4 @@
-"""The Prometheus scrape target of the dashboard and real-Prometheus tests: the driver endpoint of a real
+"""The Prometheus scrape target of the real-Prometheus tests (test_prometheus.py): the driver endpoint of a real
 sweep (the `live_sweep` fixture in conftest.py), once all its shards are committed, so the values the tests
 compare stay put while they read them."""
 from __future__ import annotations

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import json
-import urllib.request
 
 import pytest
 from hypothesis import given
@@ -10,7 +9,6 @@ from hypothesis import strategies as st
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 from support.k8s_validate import REPO_ROOT
-from support.metrics_target import metrics_target_url  # noqa: F401  (fixture)
 from support.promql_check import (
     PROJECT_METRICS,
     dashboard_exprs,
@@ -78,12 +76,6 @@ def test_families_from_a_real_exposition():
 # --- the dashboard ----------------------------------------------------------------------------------------------
 def test_every_query_reads_only_exported_metrics(dashboard):
     assert unknown_metrics(dashboard, series_names(PROJECT_METRICS)) == {}
-
-
-def test_every_query_reads_metrics_of_a_live_scrape(dashboard, metrics_target_url):  # noqa: F811
-    with urllib.request.urlopen(metrics_target_url, timeout=10) as response:
-        exported = series_names(families_from_exposition(response.read().decode()))
-    assert unknown_metrics(dashboard, exported) == {}
 
 
 def test_the_check_names_the_panel_of_an_unexported_metric(dashboard):

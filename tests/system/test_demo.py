@@ -23,10 +23,10 @@ FLOAT32 = ["--set", "model.dtype=float32", "--set", "explainer.dtype=float32", "
 
 @pytest.mark.real_model
 @pytest.mark.slow
-def test_the_demo_config_finishes_on_a_float32_avx2_cpu(tmp_path):
+def test_the_demo_config_finishes_on_a_float32_avx2_cpu(tmp_path, record_property):
     run = tmp_path / "demo"
     args = [sys.executable, "-m", "orchestrator.cli.app", "sweep", "--config", str(ROOT / "examples" / "demo.yaml"),
-            "--out", str(run), "--layers", "12", "--neurons", "0-2", "--set", "corpus.max_windows=200",
+            "--out", str(run), "--layers", "12", "--neurons", "0-2", "--set", "corpus.max_windows=120",
             "--set", "metrics_port=0", "--set", "progress_interval_s=10", *FLOAT32]
     env = {**os.environ, "ATEN_CPU_CAPABILITY": "avx2"}
     started = time.monotonic()
@@ -36,7 +36,6 @@ def test_the_demo_config_finishes_on_a_float32_avx2_cpu(tmp_path):
     wall = time.monotonic() - started
     text = (tmp_path / "stdout.log").read_text()
     assert proc.returncode == 0, (text + proc.stderr)[-3000:]
-    print(f"demo slice (3 neurons, float32, AVX2 kernels): {wall:.0f}s")
 
     store = RunReader(RunStore.open(str(run))).store
     ledger = store.read_table("ledger").to_pylist()
@@ -46,6 +45,8 @@ def test_the_demo_config_finishes_on_a_float32_avx2_cpu(tmp_path):
     assert all(r["status"] == "done" or (r["status"] == "skipped" and r["error"])
                or (r["status"] == "failed" and r["reason"] == "malformed") for r in ledger), ledger
     assert sum(r["status"] == "done" for r in ledger) >= 2, ledger
+    record_property("measured", f"demo slice (3 neurons, float32, AVX2 kernels): {wall:.0f} s, "
+                                f"{sum(r['status'] == 'done' for r in ledger)}/3 done")
     done = {r["neuron"] for r in ledger if r["status"] == "done"}
     scores = [s for s in store.read_table("scores").to_pylist() if s["scorer"] == "correlation"]
     assert {s["neuron"] for s in scores} == done

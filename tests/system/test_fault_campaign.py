@@ -221,7 +221,7 @@ def key_in_env():
 
 @pytest.mark.slow
 def test_ten_driver_kills_across_a_sweep_and_its_retry_change_nothing(tmp_path, key_in_env, ray_local, bodies,
-                                                                      capsys):
+                                                                      record_property):
     from orchestrator.store import RunStore
     from support.gate import RequestGate
 
@@ -256,9 +256,8 @@ def test_ten_driver_kills_across_a_sweep_and_its_retry_change_nothing(tmp_path, 
             assert outcome["complete"] and not outcome["shard_errors"], outcome
         repeated, in_flight = campaign.repeated(reference), campaign.in_flight
 
-    with capsys.disabled():
-        print(f"\nfault campaign: {campaign.kills} driver kills, {repeated} requests answered again "
-              f"(in flight at a kill: {in_flight})")
+    record_property("measured", f"fault campaign: {campaign.kills} driver kills, {repeated} requests answered "
+                                f"again (in flight at a kill: {in_flight})")
     assert campaign.kills == 2 * KILLS_PER_RUN
     assert repeated <= in_flight, (repeated, in_flight, campaign.story(reference))
     assert (outcome["done"], outcome["failed"]) == (second["done"], second["failed"])

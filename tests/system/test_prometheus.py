@@ -21,7 +21,7 @@ from support.k8s_validate import REPO_ROOT
 from support.live_sweep import SHIPPED_PROMETHEUS_CONFIG
 from support.localnet import scrape
 from support.metrics_target import metrics_target_url  # noqa: F401  (fixture)
-from support.promql_check import dashboard_exprs
+from support.promql_check import dashboard_exprs, families_from_exposition, series_names, unknown_metrics
 from support.system_tools import require_tool
 
 DASHBOARD = REPO_ROOT / "cluster" / "grafana" / "neuronsweep-dashboard.json"
@@ -115,6 +115,15 @@ def test_every_dashboard_query_is_valid_promql_and_progress_evaluates(prometheus
     wait_for(lambda: query(prometheus_url, 'up{job="ray"} == 1')["result"], timeout=30, what="ray job up")
     result = wait_for(lambda: query(prometheus_url, progress)["result"], timeout=30, what=progress)
     assert float(result[0]["value"][1]) == pytest.approx(finished / planned)
+
+
+def test_every_dashboard_query_reads_metrics_of_a_live_scrape(metrics_target_url):  # noqa: F811
+    """The dashboard's queries name only series the running sweep's endpoint exports (the static catalogue
+    check is in test_dashboard.py; this one reads a real scrape)."""
+    dashboard = json.loads(DASHBOARD.read_text())
+    with urllib.request.urlopen(metrics_target_url, timeout=10) as response:
+        exported = series_names(families_from_exposition(response.read().decode()))
+    assert unknown_metrics(dashboard, exported) == {}
 
 
 def test_promtool_accepts_the_shipped_config():

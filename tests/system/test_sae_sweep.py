@@ -185,5 +185,10 @@ def test_sae_latents_swept_killed_resumed_and_named(tmp_path, saes, ray_local, m
             prepare_run(SweepConfig.from_dict(cfg), store)
         message = str(e.value)
         assert "\n" not in message and "another dictionary" in message and "sha256" in message, message
+        # and `neuronsweep extract` again does not take the finished extraction for the new dictionary's
+        from orchestrator.extraction import run_extraction
+        from workers.units.source import UnitsError
+        with pytest.raises(UnitsError, match="another dictionary"):
+            run_extraction(SweepConfig.from_dict(cfg), store, use_ray=False)
     finally:
         (sae_root / "L1" / "sae_weights.safetensors").write_bytes(old)

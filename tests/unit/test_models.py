@@ -202,7 +202,7 @@ def test_a_driver_joining_a_cluster_hands_its_model_sources_to_the_workers(monke
     """Workers of a remote cluster do not inherit the driver's environment; a local cluster's do."""
     import ray
 
-    from orchestrator.pipeline import init_ray
+    from orchestrator.ray_session import init_ray
     from schemas.config import SweepConfig
 
     calls = []
