@@ -113,8 +113,13 @@ def test_every_dashboard_query_is_valid_promql_and_progress_evaluates(prometheus
     planned = samples[("neuronsweep_neurons_planned", frozenset())]
     (progress,) = [e for t, e in exprs if t == "Progress"]
     wait_for(lambda: query(prometheus_url, 'up{job="ray"} == 1')["result"], timeout=30, what="ray job up")
-    result = wait_for(lambda: query(prometheus_url, progress)["result"], timeout=30, what=progress)
-    assert float(result[0]["value"][1]) == pytest.approx(finished / planned)
+    # the sweep has finished, but Prometheus's last scrape (one a second) may predate its last commit
+    seen: list[float] = []
+
+    def final_progress() -> bool:
+        seen[:] = [float(r["value"][1]) for r in query(prometheus_url, progress)["result"]]
+        return bool(seen) and seen[0] == pytest.approx(finished / planned)
+    wait_for(final_progress, timeout=30, what=lambda: f"{progress} == {finished / planned} (last seen {seen})")
 
 
 def test_every_dashboard_query_reads_metrics_of_a_live_scrape(metrics_target_url):  # noqa: F811
