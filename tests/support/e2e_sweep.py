@@ -1,6 +1,6 @@
-"""The end-to-end sweeps' shared parts (tests/system/test_sweep_e2e.py, test_kill_resume.py): the config of a
-small real sweep (tiny GPT-2, real extraction, the method through the OpenAI-compatible test server) and the
-checks of its tables and journal."""
+"""The end-to-end sweeps' shared parts (test_sweep_e2e.py, test_kill_resume.py): the config of a small real
+sweep (tiny GPT-2, real extraction, the method through the OpenAI-compatible test server), the checks of its
+tables and journal, and the wait the kill tests (also test_fault_campaign.py, test_sae_sweep.py) poll with."""
 from __future__ import annotations
 
 import sqlite3

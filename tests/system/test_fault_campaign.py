@@ -15,7 +15,6 @@ import json
 import os
 import random
 import signal
-import sqlite3
 import subprocess
 import sys
 import time
@@ -23,6 +22,8 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
+
+from support.e2e_sweep import journal_size, wait_until
 
 SEED = 20260611
 KILLS_PER_RUN = 5
@@ -107,14 +108,6 @@ def journaled_answers(server, bodies: dict) -> Counter:
     return Counter({k: n for k, n in server.served.items() if not unjournaled(bodies.get(k, {}))})
 
 
-def journal_size(run: Path) -> int:
-    db = run / "_journal" / "calls.sqlite"
-    if not db.exists():
-        return 0
-    with sqlite3.connect(db) as c:
-        return c.execute("SELECT COUNT(*) FROM calls").fetchone()[0]
-
-
 def rows(store, table: str, cols: list[str]) -> list[tuple]:
     return sorted(tuple(r[c] for c in cols) for r in store.read_table(table, columns=cols).to_pylist())
 
@@ -123,14 +116,6 @@ TABLES = {"ledger": ["layer", "neuron", "attempts", "status", "reason", "cost_us
           "explanations": ["layer", "neuron", "candidate", "explanation"],
           "scores": ["layer", "neuron", "candidate", "scorer", "score"]}
 KEYS = {"ledger": 3, "explanations": 3, "scores": 4}  # the leading columns that identify a row
-
-
-def wait_until(check, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not check():
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(0.05)
 
 
 class Campaign:
@@ -146,7 +131,8 @@ class Campaign:
         self.kills = 0
 
     def start(self, retry: bool) -> subprocess.Popen:
-        path = os.pathsep.join(filter(None, (str(ROOT), os.environ.get("PYTHONPATH"))))
+        # the root for `testing`, tests/ for `support` (this module imports both when it runs as the driver)
+        path = os.pathsep.join(filter(None, (str(ROOT), str(ROOT / "tests"), os.environ.get("PYTHONPATH"))))
         return subprocess.Popen([sys.executable, __file__, str(self.cfg_file), *(["retry"] if retry else [])],
                                 cwd=ROOT, env={**os.environ, KEY_VAR: KEY, "PYTHONPATH": path},
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)

@@ -14,7 +14,6 @@ import random
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pyarrow.parquet as pq
@@ -28,6 +27,7 @@ from orchestrator.store import RunStore
 from schemas.config import ConfigError, SweepConfig
 from schemas.tables import units_of
 from support import planted_sae
+from support.e2e_sweep import wait_until
 from testing.models import tiny_model
 from workers.units.dictionaries import save_saelens
 
@@ -91,14 +91,6 @@ def driver(cfg: dict, gate: str, log: Path) -> subprocess.Popen:
     with open(log, "w") as err:
         return subprocess.Popen([sys.executable, "-c", DRIVER, json.dumps(cfg), gate], stdout=subprocess.PIPE,
                                 stderr=err, text=True, env=env, start_new_session=True, cwd=ROOT)
-
-
-def wait_until(check, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not check():
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(0.02)
 
 
 def committed(run: Path) -> int:
