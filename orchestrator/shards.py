@@ -36,6 +36,7 @@ from schemas.failures import FailureReason
 from schemas.layout import SHARD_TABLES, shard_file_name, shard_marker
 from schemas.tables import NEGATIVE, POSITIVE, to_table
 from workers.llm.backends.base import Usage
+from workers.llm.ratelimit import LimiterLostError
 from workers.llm.service import run_within
 from workers.method.neuron import negative_side
 from workers.method.records import ActivationRecord, NeuronRecords
@@ -285,6 +286,8 @@ class ShardRunner:
         except TimeoutError:
             return None, (f"deadline: not finished within {self.cfg.neuron_deadline_s:g}s "
                           "(not counting waits for an in-process model)"), FailureReason.DEADLINE
+        except LimiterLostError:
+            raise  # the driver is gone: the shard stops uncommitted, to be redone whole by a resume
         except Exception as e:  # noqa: BLE001 - one neuron's bug must not sink its shard
             return None, f"error: {type(e).__name__}: {e}", reason_of(e)
         if result.error:

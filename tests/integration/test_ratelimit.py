@@ -182,3 +182,16 @@ def test_actors_share_the_named_limiter(ray_local):
     assert elapsed >= (60 - 9.8 - 2) / 19.6 - 0.1
     actor = ray.get_actor(limiter_name("test", "m"))
     assert ray.get(actor.stats.remote())["granted_requests"] == 60
+
+
+def test_a_limiter_gone_with_its_driver_stops_its_callers_with_limiter_lost(ray_local):
+    """The limiter lives as long as the driver that created it; when it is gone a caller gets LimiterLostError
+    (which stops a shard uncommitted), not Ray's ActorDiedError (which a shard recorded as its neuron's failure,
+    so that a resume after a driver kill left a neuron failed that the uninterrupted run explained)."""
+    from workers.llm.ratelimit import LimiterClient, LimiterLostError, ray_limiter
+
+    client = LimiterClient(ray_limiter("gone", "m", 1200, 10**9), requests_per_minute=1200)
+    asyncio.run(client.acquire(1))
+    ray_local.kill(ray_local.get_actor(limiter_name("gone", "m")))
+    with pytest.raises(LimiterLostError, match="the shared rate limiter is gone"):
+        asyncio.run(client.acquire(10**6))  # more than any lease left: it must ask the actor

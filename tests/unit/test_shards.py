@@ -425,3 +425,21 @@ def test_a_failed_positive_side_skips_the_negative_one(tmp_path):
     s = asyncio.run(r.run(Shard(0, (0,))))
     assert (s.done, s.failed) == (0, 1) and len(proc.seen) == 1
     assert r.store.read_table("scores").num_rows == 0
+
+
+def test_a_lost_limiter_stops_the_shard_uncommitted(tmp_path):
+    """A limiter gone with its driver fails no neuron: the shard stops with nothing written, and a resume
+    redoes it whole."""
+    from workers.llm.ratelimit import LimiterLostError
+
+    class LosingLimiter(InstantProcessor):
+        async def __call__(self, records):
+            if records.neuron == 2:
+                raise LimiterLostError("the shared rate limiter is gone (ActorDiedError): its driver has stopped")
+            return await super().__call__(records)
+
+    cfg = SweepConfig(output=str(tmp_path))
+    store = RunStore.open(str(tmp_path), create=True)
+    with pytest.raises(LimiterLostError):
+        asyncio.run(ShardRunner(cfg, store, LosingLimiter(cfg), Source(cfg)).run(Shard(0, (0, 1, 2))))
+    assert not store.exists(shard_marker(0)) and not store.list_files("ledger")

@@ -209,23 +209,38 @@ class RateLimiterActor:
                 "pauses": s.pauses, "factor": s.factor}
 
 
+class LimiterLostError(Exception):
+    """The cluster-wide limiter actor is gone. The driver creates it and it lives as long as the driver, so its
+    death means the driver died (or crashed it): a shard must stop without committing, not record its neurons as
+    failed (a resume would then leave them failed)."""
+
+
 class _RayHandleLimiter:
     """Adapts an actor handle to `SharedLimiter` (awaiting ObjectRefs inside the caller's event loop)."""
 
     def __init__(self, handle):
         self.handle = handle
 
+    async def _call(self, method: str, *args):
+        import ray
+
+        try:
+            return await getattr(self.handle, method).remote(*args)
+        except ray.exceptions.RayActorError as e:
+            raise LimiterLostError(f"the shared rate limiter is gone ({type(e).__name__}): its driver has "
+                                   f"stopped") from e
+
     async def lease(self, requests: int, tokens: float) -> float:
-        return await self.handle.lease.remote(requests, tokens)
+        return await self._call("lease", requests, tokens)
 
     async def pause(self, seconds: float) -> None:
-        await self.handle.pause.remote(seconds)
+        await self._call("pause", seconds)
 
     async def give_back(self, requests: int, tokens: float) -> None:
-        await self.handle.give_back.remote(requests, tokens)
+        await self._call("give_back", requests, tokens)
 
     async def stats(self) -> dict:
-        return await self.handle.stats.remote()
+        return await self._call("stats")
 
 
 _RAY_HANDLES: dict[str, _RayHandleLimiter] = {}
